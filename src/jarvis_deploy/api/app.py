@@ -1,0 +1,63 @@
+"""FastAPI application factory; the lifespan builds the database engine, Redis and Docker clients once."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from arq.connections import ArqRedis
+from fastapi import FastAPI
+
+from jarvis_deploy import __version__
+from jarvis_deploy.api import health
+from jarvis_deploy.api.problems import register_problem_handlers
+from jarvis_deploy.config import Settings, get_settings
+from jarvis_deploy.db.session import create_engine, create_sessionmaker
+from jarvis_deploy.deployments import endpoints as deployment_endpoints
+from jarvis_deploy.engine.docker import DockerEngine
+from jarvis_deploy.logging_config import configure_logging
+from jarvis_deploy.projects import endpoints as project_endpoints
+
+DESCRIPTION = """
+Runs container images on a Docker host. A deployment request names a project, an image and a port,
+and optionally domains, environment, volumes, networks, a strategy and a health check. The service
+renders a Compose document, stores it with its SHA-256 checksum, and a worker carries it out.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db_engine = create_engine(settings.database_url)
+        # Connections open lazily, so the API starts (and /readyz reports) while Redis or Docker is down.
+        redis = ArqRedis.from_url(settings.redis_url)
+        app.state.settings = settings
+        app.state.db_engine = db_engine
+        app.state.sessionmaker = create_sessionmaker(db_engine)
+        app.state.redis = redis
+        app.state.engine = DockerEngine(settings.docker_url)
+        try:
+            yield
+        finally:
+            await app.state.engine.close()
+            await redis.aclose()
+            await db_engine.dispose()
+
+    app = FastAPI(
+        title="jarvis-deploy",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    register_problem_handlers(app)
+    app.include_router(health.router)
+    app.include_router(project_endpoints.router)
+    app.include_router(deployment_endpoints.router)
+    return app
+
+
+def create_app_from_environment() -> FastAPI:
+    """Entry point for uvicorn's factory mode."""
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    return create_app(settings)

@@ -1,0 +1,58 @@
+"""Request dependencies: one database session per request, committed in one place, then queued jobs sent."""
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import structlog
+from arq.connections import ArqRedis
+from fastapi import Depends, Request
+from redis.exceptions import RedisError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from jarvis_deploy import queue
+from jarvis_deploy.config import Settings
+from jarvis_deploy.engine.docker import DockerEngine
+
+logger = structlog.get_logger(__name__)
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    sessionmaker = request.app.state.sessionmaker
+    async with sessionmaker() as session:
+        try:
+            yield session
+        except BaseException:
+            await session.rollback()
+            raise
+        await session.commit()
+        await _send_pending_jobs(request, session)
+
+
+async def _send_pending_jobs(request: Request, session: AsyncSession) -> None:
+    jobs = queue.pop_pending(session)
+    settings: Settings = request.app.state.settings
+    for function, deployment_id in jobs:
+        try:
+            await queue.enqueue(request.app.state.redis, settings.queue_name, function, deployment_id)
+        except (RedisError, OSError) as error:
+            # The row is committed in state `queued`; the reconciler enqueues it once Redis is back.
+            logger.warning(
+                "job.enqueue_failed", function=function, deployment_id=str(deployment_id), error=str(error)
+            )
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_redis(request: Request) -> ArqRedis:
+    return request.app.state.redis
+
+
+def get_engine(request: Request) -> DockerEngine:
+    return request.app.state.engine
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RedisDep = Annotated[ArqRedis, Depends(get_redis)]
+EngineDep = Annotated[DockerEngine, Depends(get_engine)]

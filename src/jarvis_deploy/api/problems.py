@@ -1,0 +1,140 @@
+"""Exception handlers that turn every error into an RFC 9457 `application/problem+json` response."""
+
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from redis.exceptions import RedisError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jarvis_deploy.errors import DependencyUnavailable, InvalidRequest, JarvisError
+
+logger = structlog.get_logger(__name__)
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+PROBLEM_TYPE_BASE = "https://jarvis-deploy.dev/problems/"
+
+
+class FieldError(BaseModel):
+    field: str = Field(..., description="Dotted path of the offending field, e.g. `body.environment.DEBUG`.")
+    message: str
+    type: str
+
+
+class Problem(BaseModel):
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[FieldError] | None = None
+
+
+def problem_response(
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    type_slug: str,
+    errors: list[dict[str, str]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE_BASE + type_slug,
+        "title": title,
+        "status": status,
+        "detail": detail,
+    }
+    if errors is not None:
+        body["errors"] = errors
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_CONTENT_TYPE, headers=headers)
+
+
+def _dotted(location: tuple[Any, ...] | list[Any]) -> str:
+    return ".".join(str(part) for part in location)
+
+
+def _validation_errors(exc: RequestValidationError) -> list[dict[str, str]]:
+    """Field errors without the rejected input, which may hold a secret."""
+    errors = []
+    for error in exc.errors():
+        message = error.get("msg", "invalid value")
+        if message.startswith("Value error, "):
+            message = message.removeprefix("Value error, ")
+        errors.append({"field": _dotted(error.get("loc", ())), "message": message, "type": error.get("type", "value_error")})
+    return errors
+
+
+async def _handle_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = _validation_errors(exc)
+    first = errors[0] if errors else {"field": "body", "message": "invalid request"}
+    detail = f"{first['field']}: {first['message']}"
+    if len(errors) > 1:
+        detail += f" (and {len(errors) - 1} more field errors)"
+    return problem_response(422, "Request validation failed", detail, type_slug="validation", errors=errors)
+
+
+async def _handle_jarvis_error(request: Request, exc: JarvisError) -> JSONResponse:
+    headers = None
+    errors = None
+    if isinstance(exc, DependencyUnavailable):
+        headers = {"Retry-After": str(exc.retry_after)}
+    if isinstance(exc, InvalidRequest):
+        errors = [{"field": _dotted(exc.field), "message": exc.detail, "type": exc.type_slug}]
+    return problem_response(
+        exc.status_code, exc.title, exc.detail, type_slug=exc.type_slug, errors=errors, headers=headers
+    )
+
+
+async def _handle_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    titles = {404: "Not found", 405: "Method not allowed", 400: "Bad request", 413: "Request too large"}
+    title = titles.get(exc.status_code, "HTTP error")
+    detail = exc.detail if isinstance(exc.detail, str) else title
+    if exc.status_code == 404 and detail == "Not Found":
+        detail = f"no route matches {request.method} {request.url.path}"
+    return problem_response(
+        exc.status_code, title, detail, type_slug=f"http-{exc.status_code}", headers=getattr(exc, "headers", None)
+    )
+
+
+async def _handle_database(request: Request, exc: Exception) -> JSONResponse:
+    logger.warning("database.unavailable", error_type=type(exc).__name__, path=request.url.path)
+    return problem_response(
+        503,
+        "Dependency unavailable",
+        "the database is unavailable; retry later",
+        type_slug="unavailable",
+        headers={"Retry-After": "5"},
+    )
+
+
+async def _handle_redis(request: Request, exc: Exception) -> JSONResponse:
+    logger.warning("redis.unavailable", error_type=type(exc).__name__, path=request.url.path)
+    return problem_response(
+        503,
+        "Dependency unavailable",
+        "the job queue (Redis) is unavailable; retry later",
+        type_slug="unavailable",
+        headers={"Retry-After": "5"},
+    )
+
+
+async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("request.failed", path=request.url.path, method=request.method)
+    return problem_response(
+        500, "Internal error", "the server failed to handle this request; the error was logged", type_slug="internal"
+    )
+
+
+def register_problem_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _handle_validation)
+    app.add_exception_handler(JarvisError, _handle_jarvis_error)
+    app.add_exception_handler(StarletteHTTPException, _handle_http)
+    app.add_exception_handler(OperationalError, _handle_database)
+    app.add_exception_handler(InterfaceError, _handle_database)
+    app.add_exception_handler(OSError, _handle_database)
+    app.add_exception_handler(RedisError, _handle_redis)
+    app.add_exception_handler(Exception, _handle_unexpected)

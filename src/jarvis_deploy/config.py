@@ -1,0 +1,51 @@
+"""Service settings, read from the environment with the prefix ``JARVIS_``."""
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="JARVIS_", env_file=".env", extra="ignore")
+
+    database_url: str = Field(
+        "postgresql+asyncpg://postgres@127.0.0.1:5432/jarvis_deploy",
+        description="SQLAlchemy URL of the PostgreSQL database (asyncpg driver).",
+    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL used by the arq queue.")
+    docker_url: str = Field(
+        "unix:///var/run/docker.sock", description="Docker Engine API endpoint."
+    )
+    queue_name: str = Field("jarvis-deploy", description="arq queue that carries deployment jobs.")
+
+    proxy_network: str = Field(
+        "caddy",
+        description="Docker network shared with the reverse proxy; containers with a domain join it.",
+    )
+    publish_host_ip: str = Field(
+        "",
+        description="Host address that direct port mappings bind to; empty binds every interface, as Compose does.",
+    )
+    log_max_size: str = Field("10m", description="json-file log driver: maximum size of one log file.")
+    log_max_file: int = Field(3, ge=1, description="json-file log driver: number of rotated log files kept.")
+    stop_timeout: int = Field(
+        10, ge=0, description="Seconds between SIGTERM and SIGKILL when a container is stopped."
+    )
+    logs_max_tail: int = Field(
+        5000, ge=1, description="Largest `tail` the logs endpoint accepts."
+    )
+
+    worker_max_jobs: int = Field(10, ge=1, description="Jobs one worker runs at the same time.")
+    worker_poll_delay: float = Field(
+        0.1, gt=0, description="Seconds between two polls of the queue when it is empty."
+    )
+    job_timeout: int = Field(1800, ge=10, description="Seconds one deployment job may run.")
+
+    log_level: str = Field("INFO", description="Log level of the service's own logs.")
+    log_json: bool = Field(False, description="Write the service's logs as JSON lines.")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,104 @@
+"""HTTP routes under /api/jarvis/deployments."""
+
+import uuid
+
+from fastapi import APIRouter, Query, Request, Response, status
+
+from jarvis_deploy.api.deps import EngineDep, SessionDep, SettingsDep
+from jarvis_deploy.api.problems import Problem
+from jarvis_deploy.compose.render import RenderOptions
+from jarvis_deploy.deployments import logs, service
+from jarvis_deploy.deployments.schemas import (
+    DeploymentDetail,
+    DeploymentEventRead,
+    DeploymentLogs,
+    DeploymentPage,
+    DeploymentRead,
+    DeploymentStatus,
+    DeployRequest,
+)
+from jarvis_deploy.errors import InvalidRequest
+
+router = APIRouter(prefix="/api/jarvis/deployments", tags=["deployments"])
+
+PROBLEM = {"model": Problem, "content": {"application/problem+json": {}}}
+NOT_FOUND = {**PROBLEM, "description": "No deployment with this id."}
+
+
+@router.post(
+    "/deploy",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=DeploymentRead,
+    responses={422: {**PROBLEM, "description": "The request breaks a validation rule; `errors` names each field."}},
+)
+async def deploy(
+    body: DeployRequest, request: Request, response: Response, session: SessionDep, settings: SettingsDep
+) -> DeploymentRead:
+    """Render and store the Compose spec, queue the deployment, and return it in state `queued`."""
+    deployment = await service.create(session, body, RenderOptions.from_settings(settings))
+    response.headers["Location"] = str(request.url_for("get_deployment", deployment_id=deployment.id))
+    return DeploymentRead.model_validate(deployment)
+
+
+@router.get("", response_model=DeploymentPage, responses={422: PROBLEM})
+async def list_deployments(
+    session: SessionDep,
+    project_id: uuid.UUID | None = Query(None, description="Only this project's deployments."),
+    status_filter: DeploymentStatus | None = Query(None, alias="status", description="Only deployments in this state."),
+    limit: int = Query(50, ge=1, le=500, description="Page size."),
+    cursor: str | None = Query(None, max_length=200, description="`next_cursor` of the previous page."),
+) -> DeploymentPage:
+    """List deployments, newest first."""
+    rows, next_cursor = await service.list_page(
+        session, project_id=project_id, status=status_filter, limit=limit, cursor=cursor
+    )
+    return DeploymentPage(items=[DeploymentRead.model_validate(row) for row in rows], next_cursor=next_cursor)
+
+
+@router.get("/{deployment_id}", response_model=DeploymentDetail, responses={404: NOT_FOUND, 422: PROBLEM})
+async def get_deployment(deployment_id: uuid.UUID, session: SessionDep) -> DeploymentDetail:
+    """Read a deployment's state, its error if it failed, and its event timeline."""
+    found = await service.get_with_events(session, deployment_id)
+    detail = DeploymentDetail.model_validate(found.deployment)
+    detail.events = [DeploymentEventRead.model_validate(event) for event in found.events]
+    return detail
+
+
+@router.post(
+    "/{deployment_id}/stop",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=DeploymentRead,
+    responses={404: NOT_FOUND, 409: {**PROBLEM, "description": "The deployment already ended."}},
+)
+async def stop_deployment(deployment_id: uuid.UUID, session: SessionDep) -> DeploymentRead:
+    """Stop a deployment: a worker stops and removes its containers, and its state becomes `stopped`."""
+    deployment = await service.request_stop(session, deployment_id)
+    return DeploymentRead.model_validate(deployment)
+
+
+@router.get(
+    "/{deployment_id}/compose",
+    response_class=Response,
+    responses={200: {"content": {"application/yaml": {}}, "description": "The stored Compose YAML."}, 404: NOT_FOUND},
+)
+async def get_compose(deployment_id: uuid.UUID, session: SessionDep) -> Response:
+    """Return the stored Compose document of a deployment, byte for byte as checksummed."""
+    yaml_text = await service.get_spec_yaml(session, deployment_id)
+    return Response(content=yaml_text.encode(), media_type="application/yaml")
+
+
+@router.get("/{deployment_id}/logs", response_model=DeploymentLogs, responses={404: NOT_FOUND, 422: PROBLEM})
+async def get_logs(
+    deployment_id: uuid.UUID,
+    session: SessionDep,
+    engine: EngineDep,
+    settings: SettingsDep,
+    tail: int = Query(100, ge=1, description="Lines per container, counted from the end."),
+) -> DeploymentLogs:
+    """Read the last lines that the deployment's containers wrote, labelled with container and stream."""
+    if tail > settings.logs_max_tail:
+        raise InvalidRequest(f"tail must be at most {settings.logs_max_tail}", field=("query", "tail"))
+
+    deployment = await service.get(session, deployment_id)
+    lines = await logs.read_tail(engine, deployment.id, tail)
+    return DeploymentLogs(deployment_id=deployment.id, lines=lines)

@@ -1,0 +1,208 @@
+"""Carries out one deployment or stop under the project's lock, recording every step as an event."""
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import structlog
+from sqlalchemy import func, select, text, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from jarvis_deploy import naming
+from jarvis_deploy.compose.render import load_spec
+from jarvis_deploy.config import Settings
+from jarvis_deploy.db.models import ComposeSpec, Deployment, DeploymentEvent, Project
+from jarvis_deploy.deployments.schemas import DeploymentStatus
+from jarvis_deploy.engine.docker import DockerEngine
+from jarvis_deploy.engine.errors import EngineError, HealthCheckFailed
+from jarvis_deploy.strategies import get_strategy
+from jarvis_deploy.strategies.base import DeploymentFailed, DeploymentPlan, DeploymentRun, remove_containers
+
+logger = structlog.get_logger(__name__)
+
+HEARTBEAT_INTERVAL = 5.0
+
+
+class DeploymentNotFound(Exception):
+    """The job names a deployment that is not in the database."""
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    db_engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+    engine: DockerEngine
+
+
+@asynccontextmanager
+async def project_lock(db_engine: AsyncEngine, project_id: uuid.UUID) -> AsyncIterator[None]:
+    """Hold a Postgres advisory lock for the project on a connection of its own.
+
+    The lock goes away with the connection, so a worker that dies releases it.
+    """
+    async with db_engine.connect() as connection:
+        key = {"key": str(project_id)}
+        await connection.execute(text("SELECT pg_advisory_lock(hashtextextended(:key, 0))"), key)
+        await connection.commit()
+        try:
+            yield
+        finally:
+            await connection.execute(text("SELECT pg_advisory_unlock(hashtextextended(:key, 0))"), key)
+            await connection.commit()
+
+
+class EventRecorder:
+    """Appends events to a deployment's timeline, each in its own committed transaction."""
+
+    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession], deployment_id: uuid.UUID) -> None:
+        self.sessionmaker = sessionmaker
+        self.deployment_id = deployment_id
+
+    async def __call__(self, stage: str, message: str, duration_ms: int | None = None) -> None:
+        async with self.sessionmaker() as session:
+            session.add(
+                DeploymentEvent(deployment_id=self.deployment_id, stage=stage, message=message, duration_ms=duration_ms)
+            )
+            await session.commit()
+        logger.info("deployment.event", deployment_id=str(self.deployment_id), stage=stage, duration_ms=duration_ms)
+
+
+async def _set_status(
+    sessionmaker: async_sessionmaker[AsyncSession], deployment_id: uuid.UUID, status: DeploymentStatus, **values
+) -> None:
+    async with sessionmaker() as session:
+        await session.execute(update(Deployment).where(Deployment.id == deployment_id).values(status=status.value, **values))
+        await session.commit()
+
+
+async def _heartbeat(sessionmaker: async_sessionmaker[AsyncSession], deployment_id: uuid.UUID) -> None:
+    while True:
+        await asyncio.sleep(HEARTBEAT_INTERVAL)
+        try:
+            async with sessionmaker() as session:
+                await session.execute(
+                    update(Deployment).where(Deployment.id == deployment_id).values(heartbeat_at=func.now())
+                )
+                await session.commit()
+        except Exception as error:  # noqa: BLE001  (a missed heartbeat must not end the deployment)
+            logger.warning("deployment.heartbeat_failed", deployment_id=str(deployment_id), error=str(error))
+
+
+async def _load(session: AsyncSession, deployment_id: uuid.UUID) -> tuple[Deployment, Project, ComposeSpec]:
+    deployment = await session.get(Deployment, deployment_id)
+    if deployment is None:
+        raise DeploymentNotFound(f"no deployment with id {deployment_id}")
+    project = await session.get(Project, deployment.project_id)
+    spec = await session.get(ComposeSpec, deployment.spec_id)
+    assert project is not None and spec is not None
+    return deployment, project, spec
+
+
+async def run_deployment(context: WorkerContext, deployment_id: uuid.UUID) -> str:
+    """Run a queued deployment to a final state; returns that state."""
+    async with context.sessionmaker() as session:
+        deployment, project, spec = await _load(session, deployment_id)
+    log = logger.bind(deployment_id=str(deployment_id), project=project.name, version=deployment.version)
+
+    async with project_lock(context.db_engine, project.id):
+        async with context.sessionmaker() as session:
+            status = DeploymentStatus(await session.scalar(select(Deployment.status).where(Deployment.id == deployment_id)))
+        if status != DeploymentStatus.QUEUED:
+            log.info("deployment.skipped", status=status.value)
+            return status.value
+
+        record = EventRecorder(context.sessionmaker, deployment_id)
+        await _set_status(
+            context.sessionmaker,
+            deployment_id,
+            DeploymentStatus.IN_PROGRESS,
+            started_at=func.now(),
+            heartbeat_at=func.now(),
+        )
+        await record("in_progress", f"worker started version {deployment.version} with strategy {deployment.strategy}")
+        log.info("deployment.started", strategy=deployment.strategy)
+
+        plan = DeploymentPlan(
+            deployment_id=deployment_id,
+            project=project.name,
+            version=deployment.version,
+            checksum=deployment.checksum,
+            document=load_spec(spec.yaml),
+        )
+        run = DeploymentRun(plan=plan, engine=context.engine, record=record, stop_timeout=context.settings.stop_timeout)
+        heartbeat = asyncio.create_task(_heartbeat(context.sessionmaker, deployment_id))
+        try:
+            await get_strategy(deployment.strategy).deploy(run)
+        except (DeploymentFailed, EngineError, HealthCheckFailed) as error:
+            await _fail(context, run, str(error))
+            log.warning("deployment.failed", reason=str(error))
+            return DeploymentStatus.FAILED.value
+        except BaseException:
+            # Cancelled (job timeout, shutdown) or an unexpected error: leave nothing of this run behind.
+            await asyncio.shield(_fail(context, run, "the worker stopped the deployment before it finished"))
+            raise
+        finally:
+            heartbeat.cancel()
+
+        await _succeed(context, deployment_id, project.id)
+        await record("succeeded", f"version {deployment.version} is running")
+        log.info("deployment.succeeded")
+        return DeploymentStatus.SUCCEEDED.value
+
+
+async def _fail(context: WorkerContext, run: DeploymentRun, reason: str) -> None:
+    try:
+        await remove_containers(run, run.created)
+    except EngineError as error:
+        logger.warning("deployment.cleanup_failed", deployment_id=str(run.plan.deployment_id), error=str(error))
+    await run.record("failed", reason, None)
+    await _set_status(
+        context.sessionmaker, run.plan.deployment_id, DeploymentStatus.FAILED, error=reason, finished_at=func.now()
+    )
+
+
+async def _succeed(context: WorkerContext, deployment_id: uuid.UUID, project_id: uuid.UUID) -> None:
+    """Mark the deployment succeeded and every earlier live deployment of the project superseded."""
+    async with context.sessionmaker() as session:
+        await session.execute(
+            update(Deployment)
+            .where(
+                Deployment.project_id == project_id,
+                Deployment.id != deployment_id,
+                Deployment.status == DeploymentStatus.SUCCEEDED.value,
+            )
+            .values(status=DeploymentStatus.SUPERSEDED.value)
+        )
+        await session.execute(
+            update(Deployment)
+            .where(Deployment.id == deployment_id)
+            .values(status=DeploymentStatus.SUCCEEDED.value, finished_at=func.now(), error=None)
+        )
+        await session.commit()
+
+
+async def stop_deployment(context: WorkerContext, deployment_id: uuid.UUID) -> str:
+    """Stop and remove a deployment's containers and mark it `stopped`."""
+    async with context.sessionmaker() as session:
+        deployment, project, _ = await _load(session, deployment_id)
+    log = logger.bind(deployment_id=str(deployment_id), project=project.name)
+
+    async with project_lock(context.db_engine, project.id):
+        async with context.sessionmaker() as session:
+            status = DeploymentStatus(await session.scalar(select(Deployment.status).where(Deployment.id == deployment_id)))
+        if status != DeploymentStatus.SUCCEEDED:
+            log.info("deployment.stop_skipped", status=status.value)
+            return status.value
+
+        record = EventRecorder(context.sessionmaker, deployment_id)
+        containers = await context.engine.list_containers({naming.LABEL_DEPLOYMENT: str(deployment_id)})
+        for container in containers:
+            await context.engine.stop(container.id, context.settings.stop_timeout)
+            await context.engine.remove(container.id)
+        await record("stopped", f"stopped and removed {len(containers)} container(s)")
+        await _set_status(context.sessionmaker, deployment_id, DeploymentStatus.STOPPED, finished_at=func.now())
+        log.info("deployment.stopped", containers=len(containers))
+        return DeploymentStatus.STOPPED.value

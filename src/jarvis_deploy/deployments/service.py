@@ -1,0 +1,178 @@
+"""Deployments: accept a request, read state and history, and request a stop. Services flush; callers commit."""
+
+import base64
+import binascii
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import structlog
+from sqlalchemy import func, select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from jarvis_deploy import queue
+from jarvis_deploy.compose.render import RenderOptions, render
+from jarvis_deploy.db.models import ComposeSpec, Deployment, DeploymentEvent, Project
+from jarvis_deploy.deployments.schemas import DeploymentStatus, DeployRequest
+from jarvis_deploy.errors import Conflict, InvalidRequest, NotFound
+
+logger = structlog.get_logger(__name__)
+
+STOPPABLE = {DeploymentStatus.SUCCEEDED, DeploymentStatus.IN_PROGRESS}
+
+
+@dataclass
+class DeploymentWithEvents:
+    deployment: Deployment
+    events: list[DeploymentEvent]
+
+
+async def create(session: AsyncSession, request: DeployRequest, options: RenderOptions) -> Deployment:
+    """Store the rendered spec and a queued deployment with the project's next version, then queue its job."""
+    project = await session.get(Project, request.project_id, with_for_update=True)
+    if project is None:
+        raise InvalidRequest(f"no project with id {request.project_id}; create it first", field=("body", "project_id"))
+
+    rendered = render(request, project.name, options)
+    spec = await _store_spec(session, project.id, rendered.checksum, rendered.yaml)
+
+    # The project row is locked above, so no concurrent request can take the same version.
+    latest = await session.scalar(select(func.max(Deployment.version)).where(Deployment.project_id == project.id))
+    deployment = Deployment(
+        id=uuid.uuid4(),
+        project_id=project.id,
+        spec_id=spec.id,
+        version=(latest or 0) + 1,
+        image_ref=request.image_ref,
+        strategy=request.strategy.value,
+        status=DeploymentStatus.QUEUED.value,
+        checksum=rendered.checksum,
+    )
+    session.add(deployment)
+    await session.flush()
+    await add_event(session, deployment.id, "queued", f"version {deployment.version} of {project.name} queued")
+    await session.refresh(deployment)
+
+    queue.after_commit(session, queue.RUN_DEPLOYMENT, deployment.id)
+    logger.info(
+        "deployment.queued",
+        deployment_id=str(deployment.id),
+        project=project.name,
+        version=deployment.version,
+        checksum=rendered.checksum,
+    )
+    return deployment
+
+
+async def _store_spec(session: AsyncSession, project_id: uuid.UUID, checksum: str, yaml_text: str) -> ComposeSpec:
+    """Insert the spec unless the project has one with this checksum already."""
+    await session.execute(
+        insert(ComposeSpec)
+        .values(id=uuid.uuid4(), project_id=project_id, checksum=checksum, yaml=yaml_text)
+        .on_conflict_do_nothing(index_elements=["project_id", "checksum"])
+    )
+    spec = await session.scalar(
+        select(ComposeSpec).where(ComposeSpec.project_id == project_id, ComposeSpec.checksum == checksum)
+    )
+    assert spec is not None
+    return spec
+
+
+async def add_event(
+    session: AsyncSession, deployment_id: uuid.UUID, stage: str, message: str, duration_ms: int | None = None
+) -> None:
+    session.add(DeploymentEvent(deployment_id=deployment_id, stage=stage, message=message, duration_ms=duration_ms))
+    await session.flush()
+
+
+async def get(session: AsyncSession, deployment_id: uuid.UUID) -> Deployment:
+    deployment = await session.get(Deployment, deployment_id)
+    if deployment is None:
+        raise NotFound(f"no deployment with id {deployment_id}")
+    return deployment
+
+
+async def get_with_events(session: AsyncSession, deployment_id: uuid.UUID) -> DeploymentWithEvents:
+    deployment = await get(session, deployment_id)
+    result = await session.execute(
+        select(DeploymentEvent).where(DeploymentEvent.deployment_id == deployment_id).order_by(DeploymentEvent.id)
+    )
+    return DeploymentWithEvents(deployment, list(result.scalars()))
+
+
+async def get_spec_yaml(session: AsyncSession, deployment_id: uuid.UUID) -> str:
+    deployment = await get(session, deployment_id)
+    spec = await session.get(ComposeSpec, deployment.spec_id)
+    assert spec is not None
+    return spec.yaml
+
+
+def encode_cursor(deployment: Deployment) -> str:
+    raw = f"{deployment.created_at.isoformat()}|{deployment.id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        created_at, deployment_id = base64.urlsafe_b64decode(padded.encode()).decode().split("|")
+        return datetime.fromisoformat(created_at), uuid.UUID(deployment_id)
+    except (ValueError, binascii.Error, UnicodeDecodeError) as error:
+        raise InvalidRequest(
+            "cursor is not one this service issued; pass next_cursor from a previous page",
+            field=("query", "cursor"),
+        ) from error
+
+
+async def list_page(
+    session: AsyncSession,
+    *,
+    project_id: uuid.UUID | None,
+    status: DeploymentStatus | None,
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[Deployment], str | None]:
+    """List deployments newest first, one page of `limit` after `cursor`."""
+    statement = select(Deployment).order_by(Deployment.created_at.desc(), Deployment.id.desc()).limit(limit + 1)
+    if project_id is not None:
+        statement = statement.where(Deployment.project_id == project_id)
+    if status is not None:
+        statement = statement.where(Deployment.status == status.value)
+    if cursor is not None:
+        created_at, deployment_id = decode_cursor(cursor)
+        statement = statement.where(tuple_(Deployment.created_at, Deployment.id) < tuple_(created_at, deployment_id))
+
+    rows = list((await session.execute(statement)).scalars())
+    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+async def request_stop(session: AsyncSession, deployment_id: uuid.UUID) -> Deployment:
+    """Cancel a queued deployment, or queue a job that stops a running one."""
+    deployment = await session.get(Deployment, deployment_id, with_for_update=True)
+    if deployment is None:
+        raise NotFound(f"no deployment with id {deployment_id}")
+
+    status = DeploymentStatus(deployment.status)
+    if status == DeploymentStatus.QUEUED:
+        await session.execute(
+            update(Deployment)
+            .where(Deployment.id == deployment_id)
+            .values(status=DeploymentStatus.CANCELLED.value, finished_at=func.now())
+        )
+        await add_event(session, deployment_id, "cancelled", "cancelled by a stop request before it started")
+        await session.refresh(deployment)
+        return deployment
+    if status == DeploymentStatus.STOPPED:
+        return deployment
+    if status not in STOPPABLE:
+        raise Conflict(
+            f"deployment {deployment_id} is {status.value}; only a succeeded or in-progress deployment can be stopped",
+            status=status.value,
+        )
+
+    await add_event(session, deployment_id, "stop_requested", "stop requested")
+    queue.after_commit(session, queue.STOP_DEPLOYMENT, deployment_id)
+    logger.info("deployment.stop_requested", deployment_id=str(deployment_id))
+    return deployment

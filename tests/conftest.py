@@ -1,0 +1,181 @@
+"""Fixtures for tests against real components: a fresh migrated database, Redis, a worker process, Docker."""
+
+import asyncio
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiodocker
+import asyncpg
+import httpx
+import pytest
+
+from jarvis_deploy.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+POSTGRES_SERVER = os.environ.get("JARVIS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("JARVIS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REGISTRY = os.environ.get("JARVIS_TEST_REGISTRY", "localhost:5000")
+TEST_LABEL = "dev.jarvis-deploy.test"
+
+
+def app_image(tag: str) -> str:
+    return f"{REGISTRY}/jarvis-testapp:{tag}"
+
+
+@pytest.fixture(scope="session")
+def run_id() -> str:
+    return secrets.token_hex(4)
+
+
+@pytest.fixture(scope="session")
+def database_url(run_id: str) -> Iterator[str]:
+    """A database of its own for this test run, migrated with the CLI, dropped at the end."""
+    name = f"jarvis_test_{run_id}"
+    url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    env = {**os.environ, "JARVIS_DATABASE_URL": url}
+    subprocess.run([sys.executable, "-m", "jarvis_deploy.cli", "migrate"], check=True, env=env, cwd=ROOT)
+    yield url
+    asyncio.run(_drop_database(name))
+
+
+async def _drop_database(name: str) -> None:
+    connection = await asyncpg.connect(POSTGRES_SERVER)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await connection.close()
+
+
+@pytest.fixture(scope="session")
+def service_env(run_id: str, database_url: str) -> dict[str, str]:
+    """Environment of the service under test: its own database, queue and proxy network, loopback ports."""
+    return {
+        "JARVIS_DATABASE_URL": database_url,
+        "JARVIS_REDIS_URL": REDIS_URL,
+        "JARVIS_QUEUE_NAME": f"jarvis-test-{run_id}",
+        "JARVIS_PROXY_NETWORK": f"jarvis-test-proxy-{run_id}",
+        "JARVIS_PUBLISH_HOST_IP": "127.0.0.1",
+        "JARVIS_STOP_TIMEOUT": "2",
+        "JARVIS_LOG_LEVEL": "DEBUG",
+    }
+
+
+@pytest.fixture(scope="session")
+def settings(service_env: dict[str, str]) -> Settings:
+    return Settings(**{key.removeprefix("JARVIS_").lower(): value for key, value in service_env.items()})
+
+
+@pytest.fixture(scope="session")
+def worker_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("worker") / "worker.log"
+
+
+@pytest.fixture(scope="session")
+def worker(service_env: dict[str, str], worker_log: Path) -> Iterator[subprocess.Popen]:
+    """A real arq worker process running `jarvis-deploy worker`."""
+    with worker_log.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "jarvis_deploy.cli", "worker"],
+            env={**os.environ, **service_env},
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 30
+    while b"worker.started" not in worker_log.read_bytes():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"worker did not start:\n{worker_log.read_text(errors='replace')}")
+        time.sleep(0.1)
+    yield process
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="session")
+async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The API in process, with its lifespan running."""
+    from jarvis_deploy.api.app import create_app
+
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://jarvis.test") as http:
+            yield http
+
+
+@pytest.fixture(scope="session")
+async def docker() -> AsyncIterator[aiodocker.Docker]:
+    client = aiodocker.Docker()
+    yield client
+    await client.close()
+
+
+@pytest.fixture(scope="session", autouse=False)
+async def proxy_network_cleanup(docker: aiodocker.Docker, settings: Settings) -> AsyncIterator[None]:
+    yield
+    try:
+        network = await docker.networks.get(settings.proxy_network)
+        await network.delete()
+    except aiodocker.DockerError:
+        pass
+
+
+async def remove_project_objects(docker: aiodocker.Docker, project: str) -> None:
+    """Remove every container, network and volume the service created for a project."""
+    label_filter = {"label": [f"dev.jarvis-deploy.project={project}"]}
+    for container in await docker.containers.list(all=True, filters=label_filter):
+        await container.delete(force=True)
+    for network in await docker.networks.list(filters=label_filter):
+        try:
+            await (await docker.networks.get(network["Id"])).delete()
+        except aiodocker.DockerError:
+            pass
+    volumes = await docker.volumes.list(filters=label_filter)
+    for volume in volumes.get("Volumes") or []:
+        try:
+            await (await docker.volumes.get(volume["Name"])).delete()
+        except aiodocker.DockerError:
+            pass
+
+
+@pytest.fixture
+async def project(
+    client: httpx.AsyncClient, docker: aiodocker.Docker, proxy_network_cleanup: None
+) -> AsyncIterator[dict]:
+    """A project with a random name; everything Docker holds for it is removed afterwards."""
+    name = f"t{secrets.token_hex(5)}"
+    response = await client.post("/api/jarvis/projects", json={"name": name})
+    assert response.status_code == 201, response.text
+    yield response.json()
+    await remove_project_objects(docker, name)
+
+
+async def wait_for_status(
+    client: httpx.AsyncClient, deployment_id: str, statuses: set[str], timeout: float = 90
+) -> dict:
+    """Poll a deployment until it reaches one of `statuses`; fail with its events otherwise."""
+    deadline = time.monotonic() + timeout
+    body: dict = {}
+    while time.monotonic() < deadline:
+        response = await client.get(f"/api/jarvis/deployments/{deployment_id}")
+        body = response.json()
+        if body.get("status") in statuses:
+            return body
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"deployment {deployment_id} did not reach {statuses}; last state: {body}")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,62 @@
+"""arq worker settings: shared clients are built at start-up, put into the job context, and closed at shut-down."""
+
+from typing import Any
+
+import structlog
+from arq import func
+from arq.connections import RedisSettings
+from arq.cron import cron
+
+from jarvis_deploy import queue
+from jarvis_deploy.config import get_settings
+from jarvis_deploy.db.session import create_engine, create_sessionmaker
+from jarvis_deploy.deployments import reconcile, tasks
+from jarvis_deploy.deployments.runner import WorkerContext
+from jarvis_deploy.engine.docker import DockerEngine
+from jarvis_deploy.logging_config import configure_logging
+
+logger = structlog.get_logger(__name__)
+
+settings = get_settings()
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    configure_logging(settings.log_level, settings.log_json)
+    db_engine = create_engine(settings.database_url)
+    ctx["context"] = WorkerContext(
+        settings=settings,
+        db_engine=db_engine,
+        sessionmaker=create_sessionmaker(db_engine),
+        engine=DockerEngine(settings.docker_url),
+    )
+    requeued = await reconcile.requeue_lost_jobs(ctx["context"].sessionmaker, ctx["redis"], settings.queue_name)
+    logger.info("worker.started", queue=settings.queue_name, requeued=requeued)
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    context: WorkerContext | None = ctx.get("context")
+    if context is not None:
+        await context.engine.close()
+        await context.db_engine.dispose()
+    logger.info("worker.stopped", queue=settings.queue_name)
+
+
+async def reconcile_queue(ctx: dict[str, Any]) -> int:
+    return await reconcile.requeue_lost_jobs(ctx["context"].sessionmaker, ctx["redis"], settings.queue_name)
+
+
+class WorkerSettings:
+    functions = [
+        # keep_result=0 frees the job id at once, so the reconciler can enqueue the same deployment again.
+        func(tasks.run_deployment, name=queue.RUN_DEPLOYMENT, keep_result=0, timeout=settings.job_timeout, max_tries=1),
+        func(tasks.stop_deployment, name=queue.STOP_DEPLOYMENT, keep_result=0, timeout=300, max_tries=3),
+    ]
+    cron_jobs = [cron(reconcile_queue, second={0, 30}, run_at_startup=False, unique=True)]
+    on_startup = startup
+    on_shutdown = shutdown
+    queue_name = settings.queue_name
+    redis_settings = RedisSettings.from_dsn(settings.redis_url)
+    max_jobs = settings.worker_max_jobs
+    poll_delay = settings.worker_poll_delay
+    job_timeout = settings.job_timeout
+    handle_signals = True
