@@ -14,6 +14,9 @@
 #   HEALTH_FAIL=1   /cgi-bin/health responds 500
 #   FAIL_AFTER=N    /cgi-bin/health responds 500 once N seconds have passed since start
 #   CRASH_AFTER=N   the process exits N seconds after start with exit code CRASH_CODE (default 3)
+#   START_COUNTER_DIR=DIR, FAIL_FROM_START=N
+#                   each start adds a file to DIR (a volume shared by the replicas); the container
+#                   whose start is number N or later in that directory fails /cgi-bin/health
 # Paths: /cgi-bin/version prints the version, /cgi-bin/env?NAME prints the value of NAME without
 # an added newline (404 when NAME is not set), /cgi-bin/health prints "ok".
 #
@@ -29,7 +32,7 @@ repository="jarvis-testapp"
 busybox="${BUSYBOX:-/usr/bin/busybox}"
 hash_label="dev.jarvis-deploy.test-image-hash"
 applets=(sh ash httpd sleep echo cat env date kill wget awk printf ls ps test "[" true false
-    mkdir rm nc id grep sed head tail hostname)
+    mkdir rm nc id grep sed head tail hostname wc touch)
 
 if [[ ! -x "$busybox" ]]; then
     echo "busybox not found at $busybox; install busybox-static (the images contain no libc) or set BUSYBOX" >&2
@@ -82,6 +85,12 @@ VERSION="$(cat /etc/testapp-version)"
 read -r uptime _ </proc/uptime
 echo "$uptime" >/tmp/started
 httpd_pid=""
+if [ -n "${START_COUNTER_DIR:-}" ]; then
+    mkdir -p "$START_COUNTER_DIR"
+    start_number=$(( $(ls "$START_COUNTER_DIR" | wc -l) + 1 ))
+    touch "$START_COUNTER_DIR/start-$start_number-$(hostname)"
+    echo "$start_number" >/tmp/start-number
+fi
 
 stop() {
     if [ -n "$httpd_pid" ]; then
@@ -123,6 +132,8 @@ read -r now _ </proc/uptime
 started="$(cat /tmp/started)"
 failing=0
 if [ "${HEALTH_FAIL:-}" = 1 ]; then
+    failing=1
+elif [ -n "${FAIL_FROM_START:-}" ] && [ "$(cat /tmp/start-number 2>/dev/null || echo 0)" -ge "$FAIL_FROM_START" ]; then
     failing=1
 elif [ -n "${FAIL_AFTER:-}" ] \
     && awk -v now="$now" -v started="$started" -v limit="$FAIL_AFTER" 'BEGIN { exit !(now - started >= limit) }'; then

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from jarvis_deploy.config import Settings
+from tests.caddy import CaddyProcess, start_caddy
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_SERVER = os.environ.get("JARVIS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -52,9 +53,22 @@ async def _drop_database(name: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def service_env(run_id: str, database_url: str) -> dict[str, str]:
-    """Environment of the service under test: its own database, queue and proxy network, loopback ports."""
+def caddy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CaddyProcess]:
+    """A private Caddy with its admin API and one HTTP server on free loopback ports."""
+    process = start_caddy(tmp_path_factory.mktemp("caddy"))
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def service_env(run_id: str, database_url: str, caddy: CaddyProcess) -> dict[str, str]:
+    """Environment of the service under test: its own database, queue, proxy network and Caddy, loopback ports."""
     return {
+        "JARVIS_CADDY_ADMIN_URL": caddy.admin_url,
+        "JARVIS_CADDY_SERVER": caddy.server_name,
+        "JARVIS_UPSTREAM_MODE": "loopback",
+        "JARVIS_DRAIN_SECONDS": "0.5",
+        "JARVIS_WATCH_SECONDS": "4",
         "JARVIS_DATABASE_URL": database_url,
         "JARVIS_REDIS_URL": REDIS_URL,
         "JARVIS_QUEUE_NAME": f"jarvis-test-{run_id}",

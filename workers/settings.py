@@ -14,6 +14,8 @@ from jarvis_deploy.deployments import reconcile, tasks
 from jarvis_deploy.deployments.runner import WorkerContext
 from jarvis_deploy.engine.docker import DockerEngine
 from jarvis_deploy.logging_config import configure_logging
+from jarvis_deploy.proxy.caddy import CaddyClient
+from jarvis_deploy.proxy.routes import TrafficRouter, reapply_routes
 
 logger = structlog.get_logger(__name__)
 
@@ -23,20 +25,32 @@ settings = get_settings()
 async def startup(ctx: dict[str, Any]) -> None:
     configure_logging(settings.log_level, settings.log_json)
     db_engine = create_engine(settings.database_url)
-    ctx["context"] = WorkerContext(
+    sessionmaker = create_sessionmaker(db_engine)
+    caddy = (
+        CaddyClient(settings.caddy_admin_url, settings.caddy_server, settings.caddy_listen)
+        if settings.caddy_admin_url
+        else None
+    )
+    context = WorkerContext(
         settings=settings,
         db_engine=db_engine,
-        sessionmaker=create_sessionmaker(db_engine),
+        sessionmaker=sessionmaker,
         engine=DockerEngine(settings.docker_url),
+        router=TrafficRouter(sessionmaker, caddy),
     )
-    requeued = await reconcile.requeue_lost_jobs(ctx["context"].sessionmaker, ctx["redis"], settings.queue_name)
-    logger.info("worker.started", queue=settings.queue_name, requeued=requeued)
+    ctx["context"] = context
+
+    routes = await reapply_routes(db_engine, sessionmaker, caddy) if caddy else 0
+    requeued = await reconcile.requeue_lost_jobs(sessionmaker, ctx["redis"], settings.queue_name)
+    logger.info("worker.started", queue=settings.queue_name, requeued=requeued, routes_reapplied=routes)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
     context: WorkerContext | None = ctx.get("context")
     if context is not None:
         await context.engine.close()
+        if context.router.caddy is not None:
+            await context.router.caddy.close()
         await context.db_engine.dispose()
     logger.info("worker.stopped", queue=settings.queue_name)
 
@@ -45,13 +59,24 @@ async def reconcile_queue(ctx: dict[str, Any]) -> int:
     return await reconcile.requeue_lost_jobs(ctx["context"].sessionmaker, ctx["redis"], settings.queue_name)
 
 
+async def reapply_proxy_routes(ctx: dict[str, Any]) -> int:
+    """Put back routes Caddy lost; Caddy keeps admin API changes only until it restarts."""
+    context: WorkerContext = ctx["context"]
+    if context.router.caddy is None:
+        return 0
+    return await reapply_routes(context.db_engine, context.sessionmaker, context.router.caddy)
+
+
 class WorkerSettings:
     functions = [
         # keep_result=0 frees the job id at once, so the reconciler can enqueue the same deployment again.
         func(tasks.run_deployment, name=queue.RUN_DEPLOYMENT, keep_result=0, timeout=settings.job_timeout, max_tries=1),
         func(tasks.stop_deployment, name=queue.STOP_DEPLOYMENT, keep_result=0, timeout=300, max_tries=3),
     ]
-    cron_jobs = [cron(reconcile_queue, second={0, 30}, run_at_startup=False, unique=True)]
+    cron_jobs = [
+        cron(reconcile_queue, second={0, 30}, run_at_startup=False, unique=True),
+        cron(reapply_proxy_routes, second=set(range(0, 60, 5)), run_at_startup=False, unique=True),
+    ]
     on_startup = startup
     on_shutdown = shutdown
     queue_name = settings.queue_name

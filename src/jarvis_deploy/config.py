@@ -1,6 +1,7 @@
 """Service settings, read from the environment with the prefix ``JARVIS_``."""
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,6 +27,28 @@ class Settings(BaseSettings):
     publish_host_ip: str = Field(
         "",
         description="Host address that direct port mappings bind to; empty binds every interface, as Compose does.",
+    )
+    upstream_mode: Literal["network", "loopback"] = Field(
+        "network",
+        description=(
+            "How Caddy reaches containers: `network` dials <container name>:<port> over the proxy network; "
+            "`loopback` publishes the port on 127.0.0.1 and dials that, for a Caddy running on the host."
+        ),
+    )
+    caddy_admin_url: str = Field(
+        "http://127.0.0.1:2019", description="Caddy admin API; empty leaves routing to caddy-docker-proxy labels."
+    )
+    caddy_server: str = Field("jarvis", description="Name of the Caddy HTTP server that holds the service's routes.")
+    caddy_listen: list[str] = Field(
+        default_factory=lambda: [":80"], description="Listen addresses of that server when the service creates it."
+    )
+    drain_seconds: float = Field(
+        5.0, ge=0, description="Seconds old containers keep running after traffic moved away, for requests in flight."
+    )
+    watch_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds after a switch during which an unhealthy new version sends traffic back to the old one.",
     )
     log_max_size: str = Field("10m", description="json-file log driver: maximum size of one log file.")
     log_max_file: int = Field(3, ge=1, description="json-file log driver: number of rotated log files kept.")

@@ -149,7 +149,7 @@ def test_render_ignores_environment_order() -> None:
         {"domain": "app.example.com"},
         {"volumes": [{"source": "data", "target": "/data"}]},
         {"networks": ["backend"]},
-        {"strategy": "rolling"},
+        {"strategy": "rolling", "domain": "app.example.com"},
         {"healthcheck": {"path": "/healthz"}},
     ],
 )
@@ -258,7 +258,7 @@ def test_render_volumes() -> None:
 
 def test_render_extension_field() -> None:
     healthcheck = {"type": "http", "path": "/health$z", "interval": 0.5, "retries": 5}
-    request = build_request(strategy="blue-green", healthcheck=healthcheck)
+    request = build_request(strategy="blue-green", domain="app.example.com", healthcheck=healthcheck)
 
     spec = render(request, PROJECT, OPTIONS)
     extension = service_of(unescape_document(load_spec(spec.yaml)))["x-jarvis"]
@@ -266,6 +266,7 @@ def test_render_extension_field() -> None:
     assert extension["port"] == 8080
     assert extension["replicas"] == 1
     assert extension["strategy"] == "blue-green"
+    assert extension["domains"] == ["app.example.com"]
     assert extension["healthcheck"] == request.healthcheck.model_dump(mode="json")
     assert extension["healthcheck"]["path"] == "/health$z"
 

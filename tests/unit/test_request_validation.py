@@ -45,6 +45,8 @@ def build_request(**changes: Any) -> dict[str, Any]:
         ({"networks": ["-bad"]}, ("networks",), "'-bad' must match"),
         ({"healthcheck": {"path": "healthz"}}, ("healthcheck", "path"), "must start with '/'"),
         ({"strategy": "canary"}, ("strategy",), "'recreate', 'rolling' or 'blue-green'"),
+        ({"strategy": "blue-green"}, ("strategy",), "blue-green needs a domain"),
+        ({"strategy": "rolling", "host_port": 8080}, ("strategy",), "rolling needs a domain"),
         ({"replicas": 0}, ("replicas",), "greater than or equal to 1"),
         ({"unknown": 1}, ("unknown",), "Extra inputs are not permitted"),
     ],

@@ -37,6 +37,7 @@ class RenderOptions:
 
     proxy_network: str
     publish_host_ip: str = ""
+    upstream_mode: str = "network"
     log_max_size: str = "10m"
     log_max_file: int = 3
 
@@ -45,6 +46,7 @@ class RenderOptions:
         return cls(
             proxy_network=settings.proxy_network,
             publish_host_ip=settings.publish_host_ip,
+            upstream_mode=settings.upstream_mode,
             log_max_size=settings.log_max_size,
             log_max_file=settings.log_max_file,
         )
@@ -122,7 +124,9 @@ def _render_service(request: DeployRequest, project: str, options: RenderOptions
         EXTENSION_KEY: {
             "port": request.port,
             "replicas": request.replicas,
+            "parallelism": request.parallelism,
             "strategy": request.strategy.value,
+            "domains": request.domains,
             "healthcheck": request.healthcheck.model_dump(mode="json") if request.healthcheck else None,
         },
     }
@@ -136,6 +140,9 @@ def _render_service(request: DeployRequest, project: str, options: RenderOptions
             "caddy": ", ".join(domains),
             "caddy.reverse_proxy": f"{{{{upstreams {request.port}}}}}",
         }
+        if options.upstream_mode == "loopback":
+            # Caddy runs on the host and dials a port that Docker picks on loopback.
+            service["ports"] = [f"127.0.0.1::{request.port}"]
     else:
         service["ports"] = [_render_port(request, options)]
 

@@ -15,6 +15,7 @@ from sqlalchemy import (
     UniqueConstraint,
     func,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from jarvis_deploy.db.base import Base
@@ -96,3 +97,18 @@ class DeploymentEvent(Base):
     stage: Mapped[str] = mapped_column(String(32))
     message: Mapped[str] = mapped_column(Text)
     duration_ms: Mapped[int | None] = mapped_column(Integer)
+
+
+class ProxyRoute(Base):
+    """The Caddy route of a project as it should be; the worker re-applies it after Caddy restarts."""
+
+    __tablename__ = "proxy_routes"
+
+    project_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True)
+    route_id: Mapped[str] = mapped_column(String(128), unique=True)
+    hosts: Mapped[list[str]] = mapped_column(JSONB)
+    upstreams: Mapped[list[str]] = mapped_column(JSONB)
+    deployment_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("deployments.id", ondelete="SET NULL"))
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )

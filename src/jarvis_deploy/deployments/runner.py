@@ -18,7 +18,17 @@ from jarvis_deploy.deployments.schemas import DeploymentStatus
 from jarvis_deploy.engine.docker import DockerEngine
 from jarvis_deploy.engine.errors import EngineError, HealthCheckFailed
 from jarvis_deploy.strategies import get_strategy
-from jarvis_deploy.strategies.base import DeploymentFailed, DeploymentPlan, DeploymentRun, remove_containers
+from jarvis_deploy.engine.errors import TranslationError
+from jarvis_deploy.proxy.caddy import CaddyError
+from jarvis_deploy.proxy.routes import TrafficRouter
+from jarvis_deploy.strategies.base import (
+    DeploymentFailed,
+    DeploymentPlan,
+    DeploymentRolledBack,
+    DeploymentRun,
+    RunOptions,
+    remove_containers,
+)
 
 logger = structlog.get_logger(__name__)
 
@@ -35,6 +45,17 @@ class WorkerContext:
     db_engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
     engine: DockerEngine
+    router: TrafficRouter
+
+    def run_options(self) -> RunOptions:
+        return RunOptions(
+            stop_timeout=self.settings.stop_timeout,
+            proxy_network=self.settings.proxy_network,
+            upstream_mode=self.settings.upstream_mode,
+            drain_seconds=self.settings.drain_seconds,
+            watch_seconds=self.settings.watch_seconds,
+            admin_api=self.router.caddy is not None,
+        )
 
 
 @asynccontextmanager
@@ -127,22 +148,30 @@ async def run_deployment(context: WorkerContext, deployment_id: uuid.UUID) -> st
 
         plan = DeploymentPlan(
             deployment_id=deployment_id,
+            project_id=project.id,
             project=project.name,
             version=deployment.version,
             checksum=deployment.checksum,
             document=load_spec(spec.yaml),
         )
-        run = DeploymentRun(plan=plan, engine=context.engine, record=record, stop_timeout=context.settings.stop_timeout)
+        run = DeploymentRun(
+            plan=plan, engine=context.engine, record=record, options=context.run_options(), router=context.router
+        )
         heartbeat = asyncio.create_task(_heartbeat(context.sessionmaker, deployment_id))
         try:
             await get_strategy(deployment.strategy).deploy(run)
-        except (DeploymentFailed, EngineError, HealthCheckFailed) as error:
-            await _fail(context, run, str(error))
+        except DeploymentRolledBack as error:
+            await _end(context, run, DeploymentStatus.ROLLED_BACK, f"rolled back: {error}")
+            log.warning("deployment.rolled_back", reason=str(error))
+            return DeploymentStatus.ROLLED_BACK.value
+        except (DeploymentFailed, EngineError, HealthCheckFailed, CaddyError, TranslationError) as error:
+            await _end(context, run, DeploymentStatus.FAILED, str(error))
             log.warning("deployment.failed", reason=str(error))
             return DeploymentStatus.FAILED.value
         except BaseException:
             # Cancelled (job timeout, shutdown) or an unexpected error: leave nothing of this run behind.
-            await asyncio.shield(_fail(context, run, "the worker stopped the deployment before it finished"))
+            reason = "the worker stopped the deployment before it finished"
+            await asyncio.shield(_end(context, run, DeploymentStatus.FAILED, reason))
             raise
         finally:
             heartbeat.cancel()
@@ -153,15 +182,14 @@ async def run_deployment(context: WorkerContext, deployment_id: uuid.UUID) -> st
         return DeploymentStatus.SUCCEEDED.value
 
 
-async def _fail(context: WorkerContext, run: DeploymentRun, reason: str) -> None:
+async def _end(context: WorkerContext, run: DeploymentRun, status: DeploymentStatus, reason: str) -> None:
+    """Record a failed or rolled-back outcome after removing every container this run created."""
     try:
         await remove_containers(run, run.created)
     except EngineError as error:
         logger.warning("deployment.cleanup_failed", deployment_id=str(run.plan.deployment_id), error=str(error))
-    await run.record("failed", reason, None)
-    await _set_status(
-        context.sessionmaker, run.plan.deployment_id, DeploymentStatus.FAILED, error=reason, finished_at=func.now()
-    )
+    await run.record(status.value, reason, None)
+    await _set_status(context.sessionmaker, run.plan.deployment_id, status, error=reason, finished_at=func.now())
 
 
 async def _succeed(context: WorkerContext, deployment_id: uuid.UUID, project_id: uuid.UUID) -> None:
@@ -198,6 +226,11 @@ async def stop_deployment(context: WorkerContext, deployment_id: uuid.UUID) -> s
             return status.value
 
         record = EventRecorder(context.sessionmaker, deployment_id)
+        route = await context.router.route_of(project.id)
+        if route is not None and route.deployment_id == deployment_id:
+            # Take the route away first, so no request is sent to a container that is stopping.
+            await context.router.remove(project.id, project.name)
+            await record("route_removed", "route removed from the proxy")
         containers = await context.engine.list_containers({naming.LABEL_DEPLOYMENT: str(deployment_id)})
         for container in containers:
             await context.engine.stop(container.id, context.settings.stop_timeout)

@@ -182,6 +182,9 @@ class DeployRequest(BaseModel):
     )
     strategy: Strategy = Strategy.RECREATE
     replicas: int = Field(1, ge=1, le=20, description="Number of containers to run.")
+    parallelism: int = Field(
+        1, ge=1, le=20, description="Rolling strategy: containers replaced per batch."
+    )
     healthcheck: HealthCheck | None = Field(
         None, description="External probe; without one a TCP connect to `port` gates the container."
     )
@@ -225,6 +228,16 @@ class DeployRequest(BaseModel):
             if not NETWORK_NAME.match(name) or len(name) > 128:
                 raise ValueError(f"network {name!r} must match [a-zA-Z0-9][a-zA-Z0-9_.-]* (at most 128 characters)")
         return sorted(set(value))
+
+    @field_validator("strategy")
+    @classmethod
+    def _validate_strategy(cls, value: Strategy, info: ValidationInfo) -> Strategy:
+        if value != Strategy.RECREATE and not info.data.get("domain"):
+            raise ValueError(
+                f"{value.value} needs a domain, because it switches traffic through Caddy and two versions "
+                "cannot publish the same host port at once. Add `domain`, or use strategy `recreate`"
+            )
+        return value
 
     @field_validator("replicas")
     @classmethod

@@ -191,7 +191,7 @@ class DockerEngine:
                 name,
                 existing["Id"],
                 f"creating container {name} failed: {conflict}. It belongs to deployment "
-                f"{existing_deployment or 'none'}, not {deployment or 'none'}; remove it or choose another name",
+                f"{existing_deployment or 'none'}, not {deployment or 'none'}. Remove it or choose another name",
             )
         log.info("container.reused", container=name, container_id=existing["Id"], deployment=deployment)
         return existing["Id"]
@@ -208,6 +208,17 @@ class DockerEngine:
                 network = await self._docker.networks.get(attachment.name)
                 await network.connect({"Container": container_id, "EndpointConfig": {"Aliases": attachment.aliases}})
             log.info("container.network_connected", container_id=container_id, network=attachment.name)
+
+    async def disconnect_network(self, container_id: str, network_name: str) -> None:
+        """Take the container off a network; a container that is not on it is left as it is."""
+        info = await self.inspect(container_id)
+        attached = set((info.get("NetworkSettings") or {}).get("Networks") or {})
+        if network_name not in attached:
+            return
+        async with _engine_errors(f"disconnecting container {container_id} from network {network_name}"):
+            network = await self._docker.networks.get(network_name)
+            await network.disconnect({"Container": container_id, "Force": True})
+        log.info("container.network_disconnected", container_id=container_id, network=network_name)
 
     async def start(self, container_id: str) -> None:
         async with _container_errors(container_id, "starting"):

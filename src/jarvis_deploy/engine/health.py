@@ -311,3 +311,50 @@ def _raise_docker_unhealthy(info: dict[str, Any], probes: int, elapsed: float) -
     )
     log.warning("health.docker_unhealthy", container_id=info["Id"], container=name, probes=probes)
     raise HealthCheckFailed(reason, probes=probes, elapsed=elapsed)
+
+
+# Consecutive failed probes that end the watch window; one lost probe is not a reason to roll back.
+WATCH_FAILURES = 3
+
+
+async def watch(
+    engine: DockerEngine, container_ids: list[str], port: int, check: HealthCheck | None, seconds: float
+) -> str | None:
+    """Keep probing live containers for `seconds`; return why one turned unhealthy, or None if all stayed healthy.
+
+    A container that exits or is restarted fails at once; a probe failure counts once
+    WATCH_FAILURES probes in a row have failed.
+    """
+    check = check or HealthCheck(type="tcp")
+    deadline = time.monotonic() + seconds
+    failures = dict.fromkeys(container_ids, 0)
+    probes = 0
+
+    while time.monotonic() < deadline:
+        for container_id in container_ids:
+            try:
+                info = await engine.inspect(container_id)
+                await _raise_if_crashed(engine, info, probes, 0.0)
+            except HealthCheckFailed as failed:
+                return failed.reason
+            except EngineError as error:
+                return f"container {container_id[:12]} could not be inspected: {error}"
+
+            if _docker_health(info) == DOCKER_UNHEALTHY:
+                return f"container {info.get('Name', '').lstrip('/')} reports Docker health status unhealthy"
+
+            address = probe_address(info, port)
+            if address is None:
+                error_text: str | None = f"container has no address for port {port}"
+            elif check.type == "http":
+                error_text = await _probe_http(address, check)
+            else:
+                error_text = await _probe_tcp(address, check.timeout)
+            probes += 1
+
+            failures[container_id] = failures[container_id] + 1 if error_text else 0
+            if failures[container_id] >= WATCH_FAILURES:
+                name = info.get("Name", "").lstrip("/")
+                return f"container {name} failed {WATCH_FAILURES} health probes in a row after the switch: {error_text}"
+        await asyncio.sleep(min(check.interval, max(deadline - time.monotonic(), 0)))
+    return None

@@ -1,5 +1,6 @@
 """What a strategy gets to work with, and the steps every strategy shares."""
 
+import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -13,15 +14,21 @@ from jarvis_deploy.compose.render import unescape_document
 from jarvis_deploy.deployments.schemas import HealthCheck
 from jarvis_deploy.engine.docker import ContainerInfo, DockerEngine
 from jarvis_deploy.engine.health import wait_until_healthy
-from jarvis_deploy.engine.translate import compose_labels, container_config
+from jarvis_deploy.engine.translate import ContainerPlan, NetworkAttachment, compose_labels, container_config
+from jarvis_deploy.proxy.routes import TrafficRouter
 
 logger = structlog.get_logger(__name__)
 
 RecordEvent = Callable[[str, str, int | None], Awaitable[None]]
+COLORS = ("blue", "green")
 
 
 class DeploymentFailed(Exception):
     """A deployment step failed; the message is the reason stored on the deployment."""
+
+
+class DeploymentRolledBack(Exception):
+    """The new version turned unhealthy after the switch and traffic went back to the old one."""
 
 
 @dataclass
@@ -29,6 +36,7 @@ class DeploymentPlan:
     """Everything a strategy needs to know about the deployment it carries out."""
 
     deployment_id: uuid.UUID
+    project_id: uuid.UUID
     project: str
     version: int
     checksum: str
@@ -59,11 +67,15 @@ class DeploymentPlan:
         return int(self.extension.get("replicas", 1))
 
     @property
+    def domains(self) -> list[str]:
+        return list(self.extension.get("domains") or [])
+
+    @property
     def healthcheck(self) -> HealthCheck | None:
         raw = self.extension.get("healthcheck")
         return HealthCheck.model_validate(raw) if raw else None
 
-    def labels(self, replica: int) -> dict[str, str]:
+    def labels(self, replica: int, color: str | None) -> dict[str, str]:
         labels = compose_labels(self.project, self.service, replica, self.checksum)
         labels.update(
             {
@@ -73,7 +85,22 @@ class DeploymentPlan:
                 naming.LABEL_VERSION: str(self.version),
             }
         )
+        if color:
+            labels[naming.LABEL_COLOR] = color
         return labels
+
+
+@dataclass
+class RunOptions:
+    stop_timeout: int
+    proxy_network: str
+    upstream_mode: str
+    drain_seconds: float
+    watch_seconds: float
+    # With Caddy's admin API the switch is an upstream change, so old containers stay on the proxy
+    # network until they have drained. Without it, caddy-docker-proxy routes to whatever is on the
+    # network, so old containers leave it before they drain.
+    admin_api: bool
 
 
 @dataclass
@@ -81,8 +108,21 @@ class DeploymentRun:
     plan: DeploymentPlan
     engine: DockerEngine
     record: RecordEvent
-    stop_timeout: int
+    options: RunOptions
+    router: TrafficRouter | None = None
     created: list[str] = field(default_factory=list)
+
+    @property
+    def routed(self) -> bool:
+        """Whether traffic reaches this project through the proxy (it has domains)."""
+        return bool(self.plan.domains)
+
+
+@dataclass
+class NewContainer:
+    id: str
+    name: str
+    deferred: list[NetworkAttachment]
 
 
 class Strategy(Protocol):
@@ -109,20 +149,46 @@ async def ensure_image(run: DeploymentRun) -> None:
 
 
 async def ensure_networks_and_volumes(run: DeploymentRun) -> None:
-    labels = {naming.LABEL_MANAGED: "true", naming.LABEL_PROJECT: run.plan.project}
+    """Create the document's networks and volumes; shared (external) networks get no project label."""
+    managed = {naming.LABEL_MANAGED: "true"}
+    project_labels = {**managed, naming.LABEL_PROJECT: run.plan.project}
     for key, network in sorted(run.plan.document.get("networks", {}).items()):
         name = unescape_document(network.get("name", key))
-        await run.engine.ensure_network(name, {**labels, naming.COMPOSE_NETWORK: key})
+        labels = managed if network.get("external") else {**project_labels, naming.COMPOSE_NETWORK: key}
+        await run.engine.ensure_network(name, labels)
     for key, volume in sorted(run.plan.document.get("volumes", {}).items()):
         name = unescape_document(volume.get("name", key))
-        await run.engine.ensure_volume(name, {**labels, naming.COMPOSE_VOLUME: key})
+        await run.engine.ensure_volume(name, {**project_labels, naming.COMPOSE_VOLUME: key})
 
 
-async def start_replica(run: DeploymentRun, replica: int) -> str:
-    """Create and start one container of the new version; returns its id."""
+def _defer_network(container_plan: ContainerPlan, network: str) -> tuple[ContainerPlan, list[NetworkAttachment]]:
+    """Take `network` out of the plan so the container joins it only once it is healthy."""
+    attachments = [NetworkAttachment(container_plan.primary_network), *container_plan.networks]
+    if network not in [attachment.name for attachment in attachments]:
+        return container_plan, []
+
+    deferred = [attachment for attachment in container_plan.networks if attachment.name == network]
+    if container_plan.primary_network != network:
+        container_plan.networks = [attachment for attachment in container_plan.networks if attachment.name != network]
+        return container_plan, deferred
+
+    endpoint = container_plan.body["NetworkingConfig"]["EndpointsConfig"].pop(network)
+    deferred = [NetworkAttachment(network, list(endpoint.get("Aliases") or []))]
+    replacement, *rest = container_plan.networks
+    container_plan.body["HostConfig"]["NetworkMode"] = replacement.name
+    container_plan.body["NetworkingConfig"]["EndpointsConfig"][replacement.name] = {"Aliases": replacement.aliases}
+    container_plan.networks = rest
+    return container_plan, deferred
+
+
+async def start_replica(run: DeploymentRun, replica: int, color: str | None = None) -> NewContainer:
+    """Create and start one container of the new version, off the proxy network until it is healthy."""
     plan = run.plan
     name = naming.container_name(plan.project, plan.version, replica)
-    container_plan = container_config(plan.document, plan.service, plan.labels(replica))
+    container_plan = container_config(plan.document, plan.service, plan.labels(replica, color))
+    deferred: list[NetworkAttachment] = []
+    if run.routed:
+        container_plan, deferred = _defer_network(container_plan, run.options.proxy_network)
 
     container_id = await run.engine.create_container(name, container_plan)
     run.created.append(container_id)
@@ -130,13 +196,67 @@ async def start_replica(run: DeploymentRun, replica: int) -> str:
     await run.engine.start(container_id)
     await run.record("started", f"container {name} started", None)
     logger.info("container.started", deployment_id=str(plan.deployment_id), container=name, container_id=container_id)
-    return container_id
+    return NewContainer(container_id, name, deferred)
 
 
-async def wait_healthy(run: DeploymentRun, container_id: str, name: str) -> None:
+async def wait_healthy(run: DeploymentRun, container: NewContainer) -> None:
     started = time.monotonic()
-    report = await wait_until_healthy(run.engine, container_id, run.plan.port, run.plan.healthcheck)
-    await run.record("healthy", f"container {name} healthy after {report.probes} probes", elapsed_ms(started))
+    report = await wait_until_healthy(run.engine, container.id, run.plan.port, run.plan.healthcheck)
+    await run.record("healthy", f"container {container.name} healthy after {report.probes} probes", elapsed_ms(started))
+
+
+async def join_proxy(run: DeploymentRun, containers: list[NewContainer]) -> None:
+    for container in containers:
+        if container.deferred:
+            await run.engine.connect_networks(container.id, container.deferred)
+
+
+async def leave_proxy(run: DeploymentRun, container_ids: list[str]) -> None:
+    if not run.routed:
+        return
+    for container_id in container_ids:
+        await run.engine.disconnect_network(container_id, run.options.proxy_network)
+
+
+async def upstream_of(run: DeploymentRun, container_id: str) -> str:
+    """Address Caddy dials for a container: its published loopback port, or its name on the proxy network."""
+    info = await run.engine.inspect(container_id)
+    port = run.plan.port
+    if run.options.upstream_mode == "loopback":
+        bindings = ((info.get("NetworkSettings") or {}).get("Ports") or {}).get(f"{port}/tcp") or []
+        for binding in bindings:
+            if binding.get("HostPort"):
+                return f"127.0.0.1:{binding['HostPort']}"
+        raise DeploymentFailed(f"container {info.get('Name', '').lstrip('/')} has no published port for {port}/tcp")
+    return f"{info['Name'].lstrip('/')}:{port}"
+
+
+async def switch_to(run: DeploymentRun, container_ids: list[str], started: float | None = None) -> None:
+    """Point the project's route at exactly these containers, in one change."""
+    if not run.routed or run.router is None:
+        return
+    upstreams = [await upstream_of(run, container_id) for container_id in container_ids]
+    seconds = await run.router.switch(run.plan.project_id, run.plan.project, run.plan.domains, upstreams, run.plan.deployment_id)
+    since = f" ({elapsed_ms(started)} ms after healthy)" if started is not None else ""
+    await run.record("switched", f"route now sends traffic to {', '.join(upstreams)}{since}", int(seconds * 1000))
+
+
+async def drain_and_stop(run: DeploymentRun, containers: list[ContainerInfo]) -> None:
+    """Let requests in flight finish on old containers, then stop them gracefully (they stay present)."""
+    if not containers:
+        return
+    if not run.options.admin_api:
+        await leave_proxy(run, [container.id for container in containers])
+    if run.routed and run.options.drain_seconds:
+        await run.record("draining", f"draining {len(containers)} old container(s) for {run.options.drain_seconds:g}s", None)
+        await asyncio.sleep(run.options.drain_seconds)
+    started = time.monotonic()
+    for container in containers:
+        await run.engine.stop(container.id, run.options.stop_timeout)
+        if run.options.admin_api:
+            await leave_proxy(run, [container.id])
+    names = ", ".join(container.name for container in containers)
+    await run.record("stopped_old", f"stopped {names}", elapsed_ms(started))
 
 
 async def remove_containers(run: DeploymentRun, containers: list[str]) -> None:
@@ -146,3 +266,40 @@ async def remove_containers(run: DeploymentRun, containers: list[str]) -> None:
 
 async def project_containers(engine: DockerEngine, project: str) -> list[ContainerInfo]:
     return await engine.list_containers({naming.LABEL_MANAGED: "true", naming.LABEL_PROJECT: project})
+
+
+async def previous_containers(run: DeploymentRun) -> list[ContainerInfo]:
+    """Containers of the project's earlier deployments, ordered by replica number."""
+    containers = [
+        container
+        for container in await project_containers(run.engine, run.plan.project)
+        if container.labels.get(naming.LABEL_DEPLOYMENT) != str(run.plan.deployment_id)
+    ]
+    return sorted(containers, key=lambda item: (int(item.labels.get(naming.COMPOSE_CONTAINER_NUMBER, "0")), item.name))
+
+
+def next_color(live: list[ContainerInfo]) -> str:
+    colors = {container.labels.get(naming.LABEL_COLOR) for container in live}
+    return COLORS[1] if COLORS[0] in colors else COLORS[0]
+
+
+async def restore(run: DeploymentRun, old: list[ContainerInfo], reason: str) -> None:
+    """Bring the old containers back into service after the new version failed, then drop the new ones."""
+    for container in old:
+        info = await run.engine.inspect(container.id)
+        if (info.get("State") or {}).get("Status") != "running":
+            await run.engine.start(container.id)
+    for container in old:
+        if run.routed:
+            await run.engine.connect_networks(container.id, [NetworkAttachment(run.options.proxy_network, [run.plan.service])])
+        await wait_until_healthy(run.engine, container.id, run.plan.port, None)
+
+    if old and run.routed and run.router is not None:
+        upstreams = [await upstream_of(run, container.id) for container in old]
+        owner = old[0].labels.get(naming.LABEL_DEPLOYMENT)
+        await run.router.switch(
+            run.plan.project_id, run.plan.project, run.plan.domains, upstreams, uuid.UUID(owner) if owner else None
+        )
+    await remove_containers(run, run.created)
+    if old:
+        await run.record("restored", f"previous version serves again ({len(old)} container(s)): {reason}", None)

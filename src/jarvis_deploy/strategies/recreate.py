@@ -2,9 +2,6 @@
 
 import time
 
-import structlog
-
-from jarvis_deploy import naming
 from jarvis_deploy.engine.errors import EngineError, HealthCheckFailed
 from jarvis_deploy.strategies.base import (
     DeploymentFailed,
@@ -12,13 +9,15 @@ from jarvis_deploy.strategies.base import (
     elapsed_ms,
     ensure_image,
     ensure_networks_and_volumes,
-    project_containers,
+    join_proxy,
+    previous_containers,
     remove_containers,
+    restore,
     start_replica,
+    switch_to,
     wait_healthy,
 )
-
-logger = structlog.get_logger(__name__)
+from jarvis_deploy.strategies.ports import check_host_ports_free
 
 
 class RecreateStrategy:
@@ -30,45 +29,31 @@ class RecreateStrategy:
         # Prepare everything that does not touch the running version first.
         await ensure_image(run)
         await ensure_networks_and_volumes(run)
+        old = await previous_containers(run)
+        await check_host_ports_free(run, old)
 
         # Stop (but keep) the old containers, so they can come back if the new version fails.
-        old = [
-            container
-            for container in await project_containers(run.engine, plan.project)
-            if container.labels.get(naming.LABEL_DEPLOYMENT) != str(plan.deployment_id)
-        ]
         running_old = [container for container in old if container.state == "running"]
         started = time.monotonic()
         for container in running_old:
-            await run.engine.stop(container.id, run.stop_timeout)
+            await run.engine.stop(container.id, run.options.stop_timeout)
         if running_old:
             names = ", ".join(container.name for container in running_old)
             await run.record("stopped_old", f"stopped {names}", elapsed_ms(started))
 
+        new = []
         try:
             for replica in range(1, plan.replicas + 1):
-                container_id = await start_replica(run, replica)
-                await wait_healthy(run, container_id, naming.container_name(plan.project, plan.version, replica))
+                container = await start_replica(run, replica)
+                new.append(container)
+                await wait_healthy(run, container)
+            healthy_at = time.monotonic()
+            await join_proxy(run, new)
+            await switch_to(run, [container.id for container in new], started=healthy_at)
         except (EngineError, HealthCheckFailed) as error:
-            await self._restore(run, running_old)
+            await restore(run, running_old, str(error))
             raise DeploymentFailed(str(error)) from error
 
         await remove_containers(run, [container.id for container in old])
         if old:
             await run.record("removed_old", f"removed {len(old)} container(s) of earlier versions", None)
-
-    async def _restore(self, run: DeploymentRun, running_old) -> None:
-        """Remove the new containers and start the old ones again."""
-        await remove_containers(run, run.created)
-        for container in running_old:
-            try:
-                await run.engine.start(container.id)
-            except EngineError as error:
-                logger.warning(
-                    "container.restart_failed",
-                    deployment_id=str(run.plan.deployment_id),
-                    container=container.name,
-                    error=str(error),
-                )
-        if running_old:
-            await run.record("restored", f"restarted {len(running_old)} container(s) of the previous version", None)

@@ -1,0 +1,337 @@
+"""Client of Caddy's admin API for the per-project routes of the service.
+
+The service owns one route per project, tagged with an `@id`, in one HTTP server of a Caddy that
+other sites may share. It changes only those routes and the server that holds them, and never
+loads a whole configuration. Caddy started with `caddy run --config FILE` (without `--resume`)
+comes up without the changes made through the API, so the worker applies the routes again from
+the database; `apply_route` is idempotent for that purpose.
+"""
+
+import re
+import time
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+import structlog
+
+log = structlog.get_logger(__name__)
+
+ROUTE_ID_PREFIX = "jarvis-deploy-route-"
+# The route id becomes a segment of the admin API's URL path, so it is limited to characters that
+# need no escaping there.
+ROUTE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
+# Caddy tries a request whose dial failed again, on any upstream, every TRY_INTERVAL for up to
+# TRY_DURATION, so a container that is stopping or not yet listening costs a delay instead of a 502.
+TRY_DURATION = "5s"
+TRY_INTERVAL = "100ms"
+# Copies of one route that delete_route removes at most. Caddy 2.6 accepts several objects with
+# the same @id, and /id/ then reaches only one of them, so a duplicate from a race needs its own DELETE.
+MAX_ROUTE_COPIES = 10
+# Attempts of ensure_server. A PUT fails when another client created the same level first, and
+# the next attempt then finds it.
+ENSURE_SERVER_ATTEMPTS = 3
+
+
+class CaddyError(Exception):
+    """A request to Caddy's admin API failed; `status` is the HTTP status, or None without a response."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class CaddyUnavailable(CaddyError):
+    """The admin API could not be reached, or did not respond in time."""
+
+
+class RouteNotFound(CaddyError):
+    def __init__(self, route_id: str) -> None:
+        super().__init__(
+            f"route {route_id!r} not found in Caddy; create it with apply_route before switching its upstreams",
+            status=404,
+        )
+        self.route_id = route_id
+
+
+def route_id(project: str) -> str:
+    return f"{ROUTE_ID_PREFIX}{project}"
+
+
+def build_route(route_id: str, hosts: list[str], upstreams: list[str]) -> dict[str, Any]:
+    """Build the JSON of a route that proxies requests for `hosts` to `upstreams` (`host:port` each).
+
+    Raises ValueError on an invalid route id, an empty host list or an invalid upstream list.
+    """
+    check_route_id(route_id)
+    if not hosts:
+        raise ValueError(f"route {route_id!r} has no hosts; a route without a host matcher would take every request")
+    check_upstreams(upstreams)
+    return {
+        "@id": route_id,
+        "match": [{"host": list(hosts)}],
+        "handle": [
+            {
+                "handler": "reverse_proxy",
+                "upstreams": upstream_objects(upstreams),
+                "load_balancing": {"try_duration": TRY_DURATION, "try_interval": TRY_INTERVAL},
+            }
+        ],
+        "terminal": True,
+    }
+
+
+def check_route_id(route_id: str) -> None:
+    if not ROUTE_ID_PATTERN.match(route_id):
+        raise ValueError(f"invalid route id {route_id!r}: use only letters, digits, '.', '_' and '-'")
+
+
+def check_upstreams(upstreams: list[str]) -> None:
+    """Raise ValueError unless `upstreams` is a non-empty list of `host:port` dial addresses."""
+    if not upstreams:
+        raise ValueError("upstream list is empty; a route needs at least one host:port to send requests to")
+    for address in upstreams:
+        host, separator, port = address.rpartition(":")
+        if not separator or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f"invalid upstream {address!r}: expected host:port with a port from 1 to 65535, e.g. app-v2-1:8080"
+            )
+        if ":" in host and not (host.startswith("[") and host.endswith("]")):
+            raise ValueError(f"invalid upstream {address!r}: put an IPv6 address in brackets, e.g. [::1]:8080")
+
+
+def upstream_objects(upstreams: list[str]) -> list[dict[str, str]]:
+    return [{"dial": address} for address in upstreams]
+
+
+def elapsed_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)
+
+
+class CaddyClient:
+    """Changes the service's routes in one HTTP server (`server`) through Caddy's admin API at `admin_url`.
+
+    `listen` is used only when ensure_server creates that server, and so is `disable_automatic_https`,
+    which turns off Caddy's certificate management for it (for loopback test servers).
+    """
+
+    def __init__(
+        self,
+        admin_url: str,
+        server: str,
+        listen: list[str],
+        *,
+        timeout: float = 10.0,
+        disable_automatic_https: bool = False,
+    ) -> None:
+        self.admin_url = admin_url.rstrip("/")
+        self.server = server
+        self.listen = list(listen)
+        self.disable_automatic_https = disable_automatic_https
+        # Every change makes Caddy reload its configuration before it responds, so reads get the
+        # whole timeout. A connection to the admin API is local and should open at once.
+        # Caddy 2.6 restarts its admin server on each reload and closes idle connections shortly
+        # after the response, so a kept-alive connection could fail on its next request. Each
+        # request therefore opens a new connection.
+        self._http = httpx.AsyncClient(
+            base_url=self.admin_url,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)),
+            limits=httpx.Limits(max_keepalive_connections=0),
+            trust_env=False,
+            headers={"Accept": "application/json"},
+        )
+
+    @property
+    def server_path(self) -> str:
+        return f"/config/apps/http/servers/{self.server}"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def ping(self) -> None:
+        """Read one small value from the admin API; raises CaddyUnavailable or CaddyError when that fails."""
+        await self._get(f"{self.server_path}/listen")
+
+    async def ensure_server(self) -> None:
+        """Create the HTTP server and whichever of `apps`, `http` and `servers` above it are missing.
+
+        An existing server keeps its settings. Only a missing `routes` list or an empty `listen` list is added.
+        """
+        for attempt in range(1, ENSURE_SERVER_ATTEMPTS + 1):
+            try:
+                await self._ensure_server_once()
+                return
+            except CaddyUnavailable:
+                raise
+            except CaddyError as error:
+                if attempt == ENSURE_SERVER_ATTEMPTS:
+                    raise
+                log.warning("caddy.ensure_server_retry", server=self.server, attempt=attempt, error=error.message)
+
+    async def apply_route(self, route_id: str, hosts: list[str], upstreams: list[str]) -> None:
+        """Create the route, or replace the route with this id in place; safe to call again with the same values."""
+        route = build_route(route_id, hosts, upstreams)
+        started = time.perf_counter()
+
+        replaced = await self._send("PATCH", f"/id/{route_id}", route, missing_ok=True)
+        if not replaced:
+            await self.ensure_server()
+            await self._insert_route(route)
+
+        log.info(
+            "caddy.route_applied",
+            route_id=route_id,
+            hosts=list(hosts),
+            upstream_count=len(upstreams),
+            created=not replaced,
+            duration_ms=elapsed_ms(started),
+        )
+
+    async def set_upstreams(self, route_id: str, upstreams: list[str]) -> None:
+        """Switch the route to `upstreams` with one PATCH, which Caddy applies in one configuration reload.
+
+        Raises ValueError on an empty or invalid list and RouteNotFound when the route is missing.
+        """
+        check_route_id(route_id)
+        check_upstreams(upstreams)
+        started = time.perf_counter()
+
+        found = await self._send(
+            "PATCH", f"/id/{route_id}/handle/0/upstreams", upstream_objects(upstreams), missing_ok=True
+        )
+        if not found:
+            raise RouteNotFound(route_id)
+
+        log.info(
+            "caddy.upstreams_switched",
+            route_id=route_id,
+            upstreams=list(upstreams),
+            upstream_count=len(upstreams),
+            duration_ms=elapsed_ms(started),
+        )
+
+    async def get_upstreams(self, route_id: str) -> list[str] | None:
+        """Return the dial addresses of the route, or None when Caddy has no route with this id."""
+        check_route_id(route_id)
+        response = await self._request("GET", f"/id/{route_id}/handle/0/upstreams")
+        if response.status_code == 404:
+            return None
+        self._raise_for_status("GET", f"/id/{route_id}/handle/0/upstreams", response)
+        upstreams = response.json() or []
+        return [upstream["dial"] for upstream in upstreams]
+
+    async def delete_route(self, route_id: str) -> None:
+        """Delete every copy of the route; a route that does not exist is not an error."""
+        check_route_id(route_id)
+        started = time.perf_counter()
+        copies = 0
+        while copies < MAX_ROUTE_COPIES:
+            if not await self._send("DELETE", f"/id/{route_id}", missing_ok=True):
+                break
+            copies += 1
+
+        if copies == 0:
+            log.info("caddy.route_already_absent", route_id=route_id)
+            return
+        if copies > 1:
+            log.warning("caddy.route_duplicates_deleted", route_id=route_id, copies=copies)
+        log.info("caddy.route_deleted", route_id=route_id, copies=copies, duration_ms=elapsed_ms(started))
+
+    async def _ensure_server_once(self) -> None:
+        # Caddy 2.6 answers a GET below a missing level with 400 (invalid traversal path) instead
+        # of null, so the levels are read from the top down.
+        value: dict[str, Any] = {"listen": self.listen, "routes": []}
+        if self.disable_automatic_https:
+            value["automatic_https"] = {"disable": True}
+        levels = [
+            ("/config/apps", {"http": {"servers": {self.server: value}}}),
+            ("/config/apps/http", {"servers": {self.server: value}}),
+            ("/config/apps/http/servers", {self.server: value}),
+            (self.server_path, value),
+        ]
+        for path, body in levels:
+            existing = await self._get(path)
+            if existing is None:
+                # PUT creates and never replaces, so a level that another client created in the
+                # meantime makes it fail instead of being overwritten.
+                await self._send("PUT", path, body)
+                log.info("caddy.server_created", server=self.server, listen=self.listen, created_at=path)
+                return
+        await self._complete_server(existing)
+
+    async def _complete_server(self, server: dict[str, Any]) -> None:
+        if server.get("routes") is None:
+            await self._send("POST", f"{self.server_path}/routes", [])
+            log.info("caddy.server_routes_created", server=self.server)
+        current_listen = server.get("listen") or []
+        if not current_listen:
+            await self._send("POST", f"{self.server_path}/listen", self.listen)
+            log.info("caddy.server_listen_set", server=self.server, listen=self.listen)
+        elif sorted(current_listen) != sorted(self.listen):
+            # The server belongs to whoever configured it, so its addresses stay as they are.
+            log.warning(
+                "caddy.server_listen_differs", server=self.server, listen=current_listen, configured=self.listen
+            )
+
+    async def _insert_route(self, route: dict[str, Any]) -> None:
+        routes_path = f"{self.server_path}/routes"
+        routes = await self._get(routes_path)
+        # Prepended because Caddy tries routes in order, and a catch-all route of another site would shadow this one.
+        if routes:
+            await self._send("PUT", f"{routes_path}/0", route)
+        else:
+            # Caddy 2.6 rejects a PUT at index 0 of an empty list as out of bounds.
+            await self._send("POST", routes_path, route)
+
+    async def _get(self, path: str) -> Any:
+        response = await self._request("GET", path)
+        self._raise_for_status("GET", path, response)
+        return response.json()
+
+    async def _send(self, method: str, path: str, body: Any = None, *, missing_ok: bool = False) -> bool:
+        """Send a change; returns False when `missing_ok` and Caddy responds 404 (an unknown @id), else True."""
+        response = await self._request(method, path, body)
+        if missing_ok and response.status_code == 404:
+            return False
+        self._raise_for_status(method, path, response)
+        return True
+
+    async def _request(self, method: str, path: str, body: Any = None) -> httpx.Response:
+        try:
+            if body is None:
+                return await self._http.request(method, path)
+            return await self._http.request(method, path, json=body)
+        except httpx.TimeoutException as error:
+            raise CaddyUnavailable(
+                f"{method} {self.admin_url}{path} timed out ({type(error).__name__}); check that Caddy is running"
+                " and not overloaded"
+            ) from error
+        except httpx.TransportError as error:
+            raise CaddyUnavailable(
+                f"Caddy admin API at {self.admin_url} cannot be reached ({method} {path}: {error!r}); check that"
+                " Caddy is running and that its admin.listen address matches"
+            ) from error
+
+    def _raise_for_status(self, method: str, path: str, response: httpx.Response) -> None:
+        if response.is_success:
+            return
+        try:
+            message = response.json()["error"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text.strip() or response.reason_phrase
+        raise CaddyError(
+            f"Caddy admin API: {method} {path} failed with HTTP {response.status_code}: {message}",
+            status=response.status_code,
+        )
