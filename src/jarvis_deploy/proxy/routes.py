@@ -31,7 +31,7 @@ class TrafficRouter:
     ) -> float:
         """Send all new requests for `hosts` to `upstreams`; returns the seconds the switch took."""
         if not upstreams:
-            raise ValueError(f"refusing to route {project} to an empty upstream list")
+            raise ValueError(f"cannot route {project} to an empty upstream list; a switch needs at least one upstream")
 
         started = time.monotonic()
         identifier = route_id(project)
