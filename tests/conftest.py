@@ -68,7 +68,7 @@ def service_env(run_id: str, database_url: str, caddy: CaddyProcess) -> dict[str
         "JARVIS_CADDY_SERVER": caddy.server_name,
         "JARVIS_UPSTREAM_MODE": "loopback",
         "JARVIS_DRAIN_SECONDS": "0.5",
-        "JARVIS_WATCH_SECONDS": "4",
+        "JARVIS_WATCH_SECONDS": "6",
         "JARVIS_DATABASE_URL": database_url,
         "JARVIS_REDIS_URL": REDIS_URL,
         "JARVIS_QUEUE_NAME": f"jarvis-test-{run_id}",

@@ -135,3 +135,25 @@ async def test_redeploy_supersedes_previous(client, project, docker):
     )
     assert [item["version"] for item in rest.json()["items"]] == [1]
     assert rest.json()["next_cursor"] is None
+
+
+async def test_recreate_rejects_taken_host_port_before_stopping(client, project, docker):
+    import socket
+
+    port = free_port()
+    first = await deploy(client, project, image_ref=app_image("v1"), host_port=port, healthcheck=HEALTH)
+    await wait_for_status(client, first["id"], {"succeeded"})
+
+    other_port = free_port()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", other_port))
+        holder.listen()
+        second = await deploy(client, project, image_ref=app_image("v2"), host_port=other_port, healthcheck=HEALTH)
+        done = await wait_for_status(client, second["id"], {"succeeded", "failed"})
+
+    assert done["status"] == "failed"
+    assert f"host port {other_port} is already in use" in done["error"]
+    async with httpx.AsyncClient() as http:
+        response = await http.get(f"http://127.0.0.1:{port}/cgi-bin/version")
+    assert response.text.strip() == "v1"
+    assert [event["stage"] for event in done["events"]].count("stopped_old") == 0

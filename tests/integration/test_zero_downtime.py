@@ -202,7 +202,7 @@ async def test_unhealthy_in_watch_window_rolls_back(client, project, docker, cad
             image_ref=app_image("v2"),
             domain=host,
             strategy="blue-green",
-            environment={"FAIL_AFTER": "1.5"},
+            environment={"FAIL_AFTER": "3"},
         )
         done = await wait_for_status(client, flaky["id"], {"succeeded", "failed", "rolled_back"})
     finally:

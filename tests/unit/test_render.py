@@ -112,7 +112,8 @@ def test_render_quotes_every_string_scalar() -> None:
 
     events = yaml.parse(spec.yaml, Loader=yaml.SafeLoader)
     plain = [event.value for event in events if isinstance(event, yaml.ScalarEvent) and event.style != '"']
-    assert sorted(plain) == ["1", "8080", "null"]
+    # Only numbers (parallelism, replicas, port) and the absent health check stay plain.
+    assert sorted(plain) == ["1", "1", "8080", "null"]
 
 
 def test_render_escapes_values_not_keys() -> None:

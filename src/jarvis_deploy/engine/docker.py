@@ -199,6 +199,8 @@ class DockerEngine:
     async def connect_networks(self, container_id: str, networks: ContainerPlan | Iterable[NetworkAttachment]) -> None:
         """Connect the container to each further network of the plan that it is not yet on, with its aliases."""
         attachments = networks.networks if isinstance(networks, ContainerPlan) else list(networks)
+        if not attachments:
+            return
         info = await self.inspect(container_id)
         attached = set((info.get("NetworkSettings") or {}).get("Networks") or {})
         for attachment in attachments:

@@ -13,6 +13,7 @@ from jarvis_deploy import naming
 from jarvis_deploy.compose.render import unescape_document
 from jarvis_deploy.deployments.schemas import HealthCheck
 from jarvis_deploy.engine.docker import ContainerInfo, DockerEngine
+from jarvis_deploy.engine.errors import EngineError, HealthCheckFailed
 from jarvis_deploy.engine.health import wait_until_healthy
 from jarvis_deploy.engine.translate import ContainerPlan, NetworkAttachment, compose_labels, container_config
 from jarvis_deploy.proxy.routes import TrafficRouter
@@ -193,10 +194,28 @@ async def start_replica(run: DeploymentRun, replica: int, color: str | None = No
     container_id = await run.engine.create_container(name, container_plan)
     run.created.append(container_id)
     await run.engine.connect_networks(container_id, container_plan)
-    await run.engine.start(container_id)
+    await _start_when_port_released(run, container_id)
     await run.record("started", f"container {name} started", None)
     logger.info("container.started", deployment_id=str(plan.deployment_id), container=name, container_id=container_id)
     return NewContainer(container_id, name, deferred)
+
+
+# Docker 20.10 releases a stopped container's published ports shortly after `stop` returns, so a
+# new container that publishes the same port may briefly find it still allocated.
+PORT_RELEASE_TIMEOUT = 5.0
+
+
+async def _start_when_port_released(run: DeploymentRun, container_id: str) -> None:
+    deadline = time.monotonic() + PORT_RELEASE_TIMEOUT
+    while True:
+        try:
+            await run.engine.start(container_id)
+            return
+        except EngineError as error:
+            if "port is already allocated" not in str(error) or time.monotonic() > deadline:
+                raise
+            logger.debug("container.port_still_allocated", container_id=container_id)
+            await asyncio.sleep(0.1)
 
 
 async def wait_healthy(run: DeploymentRun, container: NewContainer) -> None:
@@ -283,23 +302,42 @@ def next_color(live: list[ContainerInfo]) -> str:
     return COLORS[1] if COLORS[0] in colors else COLORS[0]
 
 
-async def restore(run: DeploymentRun, old: list[ContainerInfo], reason: str) -> None:
-    """Bring the old containers back into service after the new version failed, then drop the new ones."""
-    for container in old:
-        info = await run.engine.inspect(container.id)
-        if (info.get("State") or {}).get("Status") != "running":
-            await run.engine.start(container.id)
-    for container in old:
-        if run.routed:
-            await run.engine.connect_networks(container.id, [NetworkAttachment(run.options.proxy_network, [run.plan.service])])
-        await wait_until_healthy(run.engine, container.id, run.plan.port, None)
+async def restore(run: DeploymentRun, old: list[ContainerInfo], reason: str, *, remove_new_first: bool = False) -> None:
+    """Bring the old containers back into service after the new version failed, and drop the new ones.
 
-    if old and run.routed and run.router is not None:
-        upstreams = [await upstream_of(run, container.id) for container in old]
-        owner = old[0].labels.get(naming.LABEL_DEPLOYMENT)
+    `remove_new_first` is for recreate, whose new containers hold the host ports the old ones need.
+    Otherwise the new containers go last, so the route never points at nothing.
+    """
+    if remove_new_first:
+        await remove_containers(run, run.created)
+
+    restored = []
+    for container in old:
+        try:
+            info = await run.engine.inspect(container.id)
+            if (info.get("State") or {}).get("Status") != "running":
+                await _start_when_port_released(run, container.id)
+            if run.routed:
+                attachment = NetworkAttachment(run.options.proxy_network, [run.plan.service])
+                await run.engine.connect_networks(container.id, [attachment])
+            await wait_until_healthy(run.engine, container.id, run.plan.port, None)
+        except (EngineError, HealthCheckFailed) as error:
+            logger.warning(
+                "container.restore_failed",
+                deployment_id=str(run.plan.deployment_id),
+                container=container.name,
+                error=str(error),
+            )
+            await run.record("restore_failed", f"could not bring back {container.name}: {error}", None)
+            continue
+        restored.append(container)
+
+    if restored and run.routed and run.router is not None:
+        upstreams = [await upstream_of(run, container.id) for container in restored]
+        owner = restored[0].labels.get(naming.LABEL_DEPLOYMENT)
         await run.router.switch(
             run.plan.project_id, run.plan.project, run.plan.domains, upstreams, uuid.UUID(owner) if owner else None
         )
     await remove_containers(run, run.created)
-    if old:
-        await run.record("restored", f"previous version serves again ({len(old)} container(s)): {reason}", None)
+    if restored:
+        await run.record("restored", f"previous version serves again ({len(restored)} container(s)): {reason}", None)

@@ -51,7 +51,7 @@ class RecreateStrategy:
             await join_proxy(run, new)
             await switch_to(run, [container.id for container in new], started=healthy_at)
         except (EngineError, HealthCheckFailed) as error:
-            await restore(run, running_old, str(error))
+            await restore(run, running_old, str(error), remove_new_first=True)
             raise DeploymentFailed(str(error)) from error
 
         await remove_containers(run, [container.id for container in old])
