@@ -75,7 +75,7 @@ class WorkerSettings:
     ]
     cron_jobs = [
         cron(reconcile_queue, second={0, 30}, run_at_startup=False, unique=True),
-        cron(reapply_proxy_routes, second=set(range(0, 60, 5)), run_at_startup=False, unique=True),
+        cron(reapply_proxy_routes, second=set(range(0, 60, 10)), run_at_startup=False, unique=True),
     ]
     on_startup = startup
     on_shutdown = shutdown
