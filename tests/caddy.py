@@ -1,10 +1,11 @@
 """A private Caddy process for tests, on free loopback ports, started from a JSON config file.
 
 The file configures the admin API, one HTTP server for the service's routes (SERVER_NAME) that
-also holds another site and a catch-all route, and a second server with a site of its own. No
-server uses TLS or automatic HTTPS, so Caddy never requests a certificate. Changes made through
+also contains another site and a catch-all route, and a second server with a site of its own. No
+server uses TLS or automatic HTTPS, so Caddy requests no certificate for them. Changes made through
 the admin API live only in memory (config persistence is off), so `restart()` brings Caddy back
-with the file alone, as a real restart does.
+with the file alone, as a real restart does. Each start checks that no other process listens on
+the same ports.
 
 Use from a fixture:
 
@@ -14,6 +15,7 @@ Use from a fixture:
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -35,16 +37,41 @@ SECOND_SERVER_NAME = "second-server"
 SECOND_SERVER_BODY = "second server"
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
+# Starts that a first start may take, each on new ports, while a port turns out to be shared with another process.
+START_ATTEMPTS = 3
+# Requests per listener that check the listener is this process's. Caddy binds with SO_REUSEPORT on
+# Linux, so a Caddy of another test run that bound the same port in the meantime gets a share of
+# the connections instead of a bind error, and only some requests reach it.
+OWNERSHIP_PROBES = 8
+# Response header with a token of its own in each process, so that two processes started from the
+# same ports tell their responses apart.
+INSTANCE_HEADER = "X-Test-Caddy-Instance"
+
+
+class PortCollision(RuntimeError):
+    """A port of this Caddy is also bound by another process, which takes some of its connections."""
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """Return `count` distinct ports on 127.0.0.1 that were free a moment ago."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sockets.append(sock)
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 class CaddyProcess:
-    """One `caddy run --config FILE` process; `admin_only` writes a file with no apps at all."""
+    """One `caddy run --config FILE` process. With `admin_only` the file configures no apps at all."""
 
     def __init__(self, directory: Path, *, admin_only: bool = False) -> None:
         executable = shutil.which("caddy")
@@ -52,15 +79,15 @@ class CaddyProcess:
             pytest.skip("caddy is not on PATH; install Caddy 2.6 or later (Debian package `caddy`) to run this test")
         self.executable = executable
         self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
         self.admin_only = admin_only
-        self.admin_port = free_port()
-        self.http_port = free_port()
-        self.second_http_port = free_port()
         self.server_name = SERVER_NAME
         self.config_path = directory / "caddy.json"
         self.log_path = directory / "caddy.log"
         self.process: subprocess.Popen[bytes] | None = None
-        self.config_path.write_text(json.dumps(self.original_config(), indent=2))
+        self.started_before = False
+        self.instance = secrets.token_hex(8)
+        self._choose_ports()
 
     @property
     def admin_url(self) -> str:
@@ -68,16 +95,22 @@ class CaddyProcess:
 
     def original_config(self) -> dict[str, Any]:
         # Without persistence Caddy writes no autosave.json, so nothing outlives the process.
-        config: dict[str, Any] = {"admin": {"listen": f"127.0.0.1:{self.admin_port}", "config": {"persist": False}}}
+        admin = {
+            "@id": f"test-caddy-{self.instance}",
+            "listen": f"127.0.0.1:{self.admin_port}",
+            "config": {"persist": False},
+        }
+        config: dict[str, Any] = {"admin": admin}
         if self.admin_only:
             return config
 
+        instance_headers = {INSTANCE_HEADER: [self.instance]}
         other_site = {
             "match": [{"host": [OTHER_SITE_HOST]}],
-            "handle": [{"handler": "static_response", "body": OTHER_SITE_BODY}],
+            "handle": [{"handler": "static_response", "headers": instance_headers, "body": OTHER_SITE_BODY}],
             "terminal": True,
         }
-        # A route without matcher takes every request that reaches it, as many operators configure.
+        # A route without a matcher takes every request that reaches it, so a route appended after it is never reached.
         fallback = {"handle": [{"handler": "static_response", "status_code": FALLBACK_STATUS, "body": FALLBACK_BODY}]}
         config["apps"] = {
             "http": {
@@ -90,7 +123,13 @@ class CaddyProcess:
                     SECOND_SERVER_NAME: {
                         "listen": [f"127.0.0.1:{self.second_http_port}"],
                         "automatic_https": {"disable": True},
-                        "routes": [{"handle": [{"handler": "static_response", "body": SECOND_SERVER_BODY}]}],
+                        "routes": [
+                            {
+                                "handle": [
+                                    {"handler": "static_response", "headers": instance_headers, "body": SECOND_SERVER_BODY}
+                                ]
+                            }
+                        ],
                     },
                 }
             }
@@ -98,9 +137,32 @@ class CaddyProcess:
         return config
 
     def start(self) -> None:
+        """Start Caddy from the config file. The first start moves to new ports when a port is shared."""
         if self.process is not None:
-            raise RuntimeError("this Caddy process is already running; call stop() or restart()")
+            raise RuntimeError("this Caddy process is already running. Call stop() or restart() first")
 
+        attempts = 1 if self.started_before else START_ATTEMPTS
+        for attempt in range(1, attempts + 1):
+            self._launch()
+            try:
+                self._check_ports_are_own()
+            except PortCollision:
+                self.stop()
+                if attempt == attempts:
+                    raise
+                self._choose_ports()
+                continue
+            except BaseException:
+                self.stop()
+                raise
+            self.started_before = True
+            return
+
+    def _choose_ports(self) -> None:
+        self.admin_port, self.http_port, self.second_http_port = free_ports(3)
+        self.config_path.write_text(json.dumps(self.original_config(), indent=2))
+
+    def _launch(self) -> None:
         # Caddy keeps certificates, locks and autosaves under the XDG directories, so they go to
         # the test's directory instead of the home directory.
         environment = {
@@ -132,7 +194,9 @@ class CaddyProcess:
         self._end(kill=False)
 
     def read_log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        if not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
 
     def _end(self, *, kill: bool) -> None:
         process, self.process = self.process, None
@@ -165,6 +229,31 @@ class CaddyProcess:
                     raise RuntimeError(f"caddy did not become ready within {START_TIMEOUT} s:\n{self.read_log()}")
                 time.sleep(0.05)
 
+    def _check_ports_are_own(self) -> None:
+        """Raise PortCollision unless every probe of each listener gets this process's response."""
+        expected_config = self.original_config()
+        with httpx.Client(trust_env=False, timeout=5.0, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+            for _ in range(OWNERSHIP_PROBES):
+                response = client.get(f"{self.admin_url}/config/")
+                if response.headers.get("content-type") != "application/json" or response.json() != expected_config:
+                    raise PortCollision(
+                        f"admin port {self.admin_port} is shared with another process: GET /config/ returned"
+                        f" {response.text[:200]!r}"
+                    )
+                if self.admin_only:
+                    continue
+                for port, host, body in [
+                    (self.http_port, OTHER_SITE_HOST, OTHER_SITE_BODY),
+                    (self.second_http_port, "any.test", SECOND_SERVER_BODY),
+                ]:
+                    response = client.get(f"http://127.0.0.1:{port}/", headers={"Host": host})
+                    if response.text != body or response.headers.get(INSTANCE_HEADER) != self.instance:
+                        raise PortCollision(
+                            f"HTTP port {port} is shared with another process: expected {body!r} from instance"
+                            f" {self.instance}, got {response.status_code} {response.text[:200]!r} from instance"
+                            f" {response.headers.get(INSTANCE_HEADER)}"
+                        )
+
     def _admin_responds(self, client: httpx.Client) -> bool:
         try:
             return client.get(f"{self.admin_url}/config/").status_code == 200
@@ -181,7 +270,7 @@ def port_accepts(port: int) -> bool:
 
 
 def start_caddy(directory: Path, *, admin_only: bool = False) -> CaddyProcess:
-    """Start a Caddy process in `directory`; the caller must call stop(). Skips the test without `caddy`."""
+    """Start a Caddy process in `directory`, which the caller must stop(). Skips the test when `caddy` is missing."""
     caddy = CaddyProcess(directory, admin_only=admin_only)
     caddy.start()
     return caddy

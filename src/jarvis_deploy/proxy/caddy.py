@@ -1,12 +1,13 @@
 """Client of Caddy's admin API for the per-project routes of the service.
 
 The service owns one route per project, tagged with an `@id`, in one HTTP server of a Caddy that
-other sites may share. It changes only those routes and the server that holds them, and never
+other sites may share. It changes only those routes and the server that contains them, and never
 loads a whole configuration. Caddy started with `caddy run --config FILE` (without `--resume`)
-comes up without the changes made through the API, so the worker applies the routes again from
-the database; `apply_route` is idempotent for that purpose.
+comes up without the changes made through the API. The worker therefore applies the routes again
+from the database, and `apply_route` is idempotent for that purpose.
 """
 
+import asyncio
 import re
 import time
 from types import TracebackType
@@ -31,10 +32,18 @@ MAX_ROUTE_COPIES = 10
 # Attempts of ensure_server. A PUT fails when another client created the same level first, and
 # the next attempt then finds it.
 ENSURE_SERVER_ATTEMPTS = 3
+# Seconds to wait before each new attempt of a request whose connection failed, about 1.5 s in all.
+# Caddy 2.6 restarts its admin server after every change, and for a moment it refuses or resets
+# connections, which makes concurrent changes (from several processes, say) fail.
+RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8)
+# Requests that can be sent again after the connection broke before the response: a GET reads,
+# a PATCH sets the same value again, and a repeated DELETE of an @id finds nothing (404). A POST or
+# PUT could insert a second copy, so those are only repeated when the connection was refused.
+REPLAYABLE_METHODS = frozenset({"GET", "PATCH", "DELETE"})
 
 
 class CaddyError(Exception):
-    """A request to Caddy's admin API failed; `status` is the HTTP status, or None without a response."""
+    """Failure of a request to Caddy's admin API, with `status` the HTTP status or None when no response came."""
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
@@ -43,13 +52,13 @@ class CaddyError(Exception):
 
 
 class CaddyUnavailable(CaddyError):
-    """The admin API could not be reached, or did not respond in time."""
+    """Failure to reach the admin API, or a request to it that timed out."""
 
 
 class RouteNotFound(CaddyError):
     def __init__(self, route_id: str) -> None:
         super().__init__(
-            f"route {route_id!r} not found in Caddy; create it with apply_route before switching its upstreams",
+            f"route {route_id!r} not found in Caddy. Create it with apply_route before switching its upstreams",
             status=404,
         )
         self.route_id = route_id
@@ -66,7 +75,9 @@ def build_route(route_id: str, hosts: list[str], upstreams: list[str]) -> dict[s
     """
     check_route_id(route_id)
     if not hosts:
-        raise ValueError(f"route {route_id!r} has no hosts; a route without a host matcher would take every request")
+        raise ValueError(
+            f"route {route_id!r} has no hosts. Give at least one, because a route without a host matcher takes every request"
+        )
     check_upstreams(upstreams)
     return {
         "@id": route_id,
@@ -84,21 +95,21 @@ def build_route(route_id: str, hosts: list[str], upstreams: list[str]) -> dict[s
 
 def check_route_id(route_id: str) -> None:
     if not ROUTE_ID_PATTERN.match(route_id):
-        raise ValueError(f"invalid route id {route_id!r}: use only letters, digits, '.', '_' and '-'")
+        raise ValueError(f"invalid route id {route_id!r}. Use only letters, digits, '.', '_' and '-'")
 
 
 def check_upstreams(upstreams: list[str]) -> None:
     """Raise ValueError unless `upstreams` is a non-empty list of `host:port` dial addresses."""
     if not upstreams:
-        raise ValueError("upstream list is empty; a route needs at least one host:port to send requests to")
+        raise ValueError("upstream list is empty. Give at least one host:port, so that the route has somewhere to send requests")
     for address in upstreams:
         host, separator, port = address.rpartition(":")
         if not separator or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(
-                f"invalid upstream {address!r}: expected host:port with a port from 1 to 65535, e.g. app-v2-1:8080"
+                f"invalid upstream {address!r}. Expected host:port with a port from 1 to 65535, e.g. app-v2-1:8080"
             )
         if ":" in host and not (host.startswith("[") and host.endswith("]")):
-            raise ValueError(f"invalid upstream {address!r}: put an IPv6 address in brackets, e.g. [::1]:8080")
+            raise ValueError(f"invalid upstream {address!r}. Put an IPv6 address in brackets, e.g. [::1]:8080")
 
 
 def upstream_objects(upstreams: list[str]) -> list[dict[str, str]]:
@@ -110,7 +121,7 @@ def elapsed_ms(started: float) -> float:
 
 
 class CaddyClient:
-    """Changes the service's routes in one HTTP server (`server`) through Caddy's admin API at `admin_url`.
+    """Client that changes the service's routes in one HTTP server (`server`) through Caddy's admin API at `admin_url`.
 
     `listen` is used only when ensure_server creates that server, and so is `disable_automatic_https`,
     which turns off Caddy's certificate management for it (for loopback test servers).
@@ -141,6 +152,9 @@ class CaddyClient:
             trust_env=False,
             headers={"Accept": "application/json"},
         )
+        # Runs one operation of this client at a time, so concurrent apply_route calls cannot insert
+        # one route twice, and this client sends no change while another of its changes is applied.
+        self._lock = asyncio.Lock()
 
     @property
     def server_path(self) -> str:
@@ -161,34 +175,33 @@ class CaddyClient:
         await self._http.aclose()
 
     async def ping(self) -> None:
-        """Read one small value from the admin API; raises CaddyUnavailable or CaddyError when that fails."""
-        await self._get(f"{self.server_path}/listen")
+        """Read one small value from the admin API, raising CaddyUnavailable or CaddyError when that fails."""
+        async with self._lock:
+            await self._get(f"{self.server_path}/listen")
 
     async def ensure_server(self) -> None:
         """Create the HTTP server and whichever of `apps`, `http` and `servers` above it are missing.
 
         An existing server keeps its settings. Only a missing `routes` list or an empty `listen` list is added.
         """
-        for attempt in range(1, ENSURE_SERVER_ATTEMPTS + 1):
-            try:
-                await self._ensure_server_once()
-                return
-            except CaddyUnavailable:
-                raise
-            except CaddyError as error:
-                if attempt == ENSURE_SERVER_ATTEMPTS:
-                    raise
-                log.warning("caddy.ensure_server_retry", server=self.server, attempt=attempt, error=error.message)
+        async with self._lock:
+            await self._ensure_server()
 
     async def apply_route(self, route_id: str, hosts: list[str], upstreams: list[str]) -> None:
-        """Create the route, or replace the route with this id in place; safe to call again with the same values."""
+        """Create the route, or replace the route with this id in place. A repeated call with the same values changes nothing."""
         route = build_route(route_id, hosts, upstreams)
         started = time.perf_counter()
 
-        replaced = await self._send("PATCH", f"/id/{route_id}", route, missing_ok=True)
-        if not replaced:
-            await self.ensure_server()
-            await self._insert_route(route)
+        async with self._lock:
+            replaced = await self._send("PATCH", f"/id/{route_id}", route, missing_ok=True)
+            if not replaced:
+                await self._ensure_server()
+                try:
+                    await self._insert_route(route)
+                except CaddyUnavailable:
+                    # After a connection that broke mid-request the route may exist, and a PATCH finds out.
+                    if not await self._send("PATCH", f"/id/{route_id}", route, missing_ok=True):
+                        raise
 
         log.info(
             "caddy.route_applied",
@@ -203,14 +216,18 @@ class CaddyClient:
         """Switch the route to `upstreams` with one PATCH, which Caddy applies in one configuration reload.
 
         Raises ValueError on an empty or invalid list and RouteNotFound when the route is missing.
+        Requests in flight finish on the old upstreams, and requests sent after the return reach the new ones.
+        NOTE: while it reloads, Caddy 2.6 on Linux reset or refused up to two of some 500 connections in
+        test_switch_under_load (tests/integration/test_caddy.py), before any response, so a client may see an error.
         """
         check_route_id(route_id)
         check_upstreams(upstreams)
         started = time.perf_counter()
 
-        found = await self._send(
-            "PATCH", f"/id/{route_id}/handle/0/upstreams", upstream_objects(upstreams), missing_ok=True
-        )
+        async with self._lock:
+            found = await self._send(
+                "PATCH", f"/id/{route_id}/handle/0/upstreams", upstream_objects(upstreams), missing_ok=True
+            )
         if not found:
             raise RouteNotFound(route_id)
 
@@ -225,22 +242,25 @@ class CaddyClient:
     async def get_upstreams(self, route_id: str) -> list[str] | None:
         """Return the dial addresses of the route, or None when Caddy has no route with this id."""
         check_route_id(route_id)
-        response = await self._request("GET", f"/id/{route_id}/handle/0/upstreams")
+        path = f"/id/{route_id}/handle/0/upstreams"
+        async with self._lock:
+            response = await self._request("GET", path)
         if response.status_code == 404:
             return None
-        self._raise_for_status("GET", f"/id/{route_id}/handle/0/upstreams", response)
+        self._raise_for_status("GET", path, response)
         upstreams = response.json() or []
         return [upstream["dial"] for upstream in upstreams]
 
     async def delete_route(self, route_id: str) -> None:
-        """Delete every copy of the route; a route that does not exist is not an error."""
+        """Delete every copy of the route. A route that does not exist is not an error."""
         check_route_id(route_id)
         started = time.perf_counter()
         copies = 0
-        while copies < MAX_ROUTE_COPIES:
-            if not await self._send("DELETE", f"/id/{route_id}", missing_ok=True):
-                break
-            copies += 1
+        async with self._lock:
+            while copies < MAX_ROUTE_COPIES:
+                if not await self._send("DELETE", f"/id/{route_id}", missing_ok=True):
+                    break
+                copies += 1
 
         if copies == 0:
             log.info("caddy.route_already_absent", route_id=route_id)
@@ -249,9 +269,21 @@ class CaddyClient:
             log.warning("caddy.route_duplicates_deleted", route_id=route_id, copies=copies)
         log.info("caddy.route_deleted", route_id=route_id, copies=copies, duration_ms=elapsed_ms(started))
 
+    async def _ensure_server(self) -> None:
+        for attempt in range(1, ENSURE_SERVER_ATTEMPTS + 1):
+            try:
+                await self._ensure_server_once()
+                return
+            except CaddyUnavailable:
+                raise
+            except CaddyError as error:
+                if attempt == ENSURE_SERVER_ATTEMPTS:
+                    raise
+                log.warning("caddy.ensure_server_retry", server=self.server, attempt=attempt, error=error.message)
+
     async def _ensure_server_once(self) -> None:
-        # Caddy 2.6 answers a GET below a missing level with 400 (invalid traversal path) instead
-        # of null, so the levels are read from the top down.
+        # Caddy 2.6 responds to a GET below a missing level with 400 (invalid traversal path)
+        # instead of null, so the levels are read from the top down.
         value: dict[str, Any] = {"listen": self.listen, "routes": []}
         if self.disable_automatic_https:
             value["automatic_https"] = {"disable": True}
@@ -277,10 +309,12 @@ class CaddyClient:
             log.info("caddy.server_routes_created", server=self.server)
         current_listen = server.get("listen") or []
         if not current_listen:
-            await self._send("POST", f"{self.server_path}/listen", self.listen)
+            # POST creates a missing key, but on an existing list it would append the list as one element.
+            method = "PATCH" if "listen" in server else "POST"
+            await self._send(method, f"{self.server_path}/listen", self.listen)
             log.info("caddy.server_listen_set", server=self.server, listen=self.listen)
         elif sorted(current_listen) != sorted(self.listen):
-            # The server belongs to whoever configured it, so its addresses stay as they are.
+            # An existing server is part of the operator's configuration, so its addresses stay as they are.
             log.warning(
                 "caddy.server_listen_differs", server=self.server, listen=current_listen, configured=self.listen
             )
@@ -289,6 +323,7 @@ class CaddyClient:
         routes_path = f"{self.server_path}/routes"
         routes = await self._get(routes_path)
         # Prepended because Caddy tries routes in order, and a catch-all route of another site would shadow this one.
+        # NOTE: routes without a matcher that others put first for every request (headers, logging) then skip these hosts.
         if routes:
             await self._send("PUT", f"{routes_path}/0", route)
         else:
@@ -301,7 +336,7 @@ class CaddyClient:
         return response.json()
 
     async def _send(self, method: str, path: str, body: Any = None, *, missing_ok: bool = False) -> bool:
-        """Send a change; returns False when `missing_ok` and Caddy responds 404 (an unknown @id), else True."""
+        """Send a change and return True, or False when `missing_ok` is set and Caddy responds 404 (an unknown @id)."""
         response = await self._request(method, path, body)
         if missing_ok and response.status_code == 404:
             return False
@@ -309,20 +344,43 @@ class CaddyClient:
         return True
 
     async def _request(self, method: str, path: str, body: Any = None) -> httpx.Response:
-        try:
-            if body is None:
-                return await self._http.request(method, path)
-            return await self._http.request(method, path, json=body)
-        except httpx.TimeoutException as error:
-            raise CaddyUnavailable(
-                f"{method} {self.admin_url}{path} timed out ({type(error).__name__}); check that Caddy is running"
-                " and not overloaded"
-            ) from error
-        except httpx.TransportError as error:
-            raise CaddyUnavailable(
-                f"Caddy admin API at {self.admin_url} cannot be reached ({method} {path}: {error!r}); check that"
-                " Caddy is running and that its admin.listen address matches"
-            ) from error
+        """Send one request, again after each delay in RETRY_DELAYS while the connection fails and a new attempt is safe."""
+        delays = iter(RETRY_DELAYS)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                if body is None:
+                    return await self._http.request(method, path)
+                return await self._http.request(method, path, json=body)
+            except httpx.TimeoutException as error:
+                raise CaddyUnavailable(
+                    f"{method} {self.admin_url}{path} timed out ({type(error).__name__}). Check that Caddy is"
+                    " running and not overloaded"
+                ) from error
+            except httpx.ConnectError as error:
+                failure: httpx.TransportError = error
+            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as error:
+                if method not in REPLAYABLE_METHODS:
+                    raise CaddyUnavailable(
+                        f"connection to the Caddy admin API at {self.admin_url} broke during {method} {path}"
+                        f" ({error!r}). The change may or may not have been applied, so read the configuration"
+                        " before sending it again"
+                    ) from error
+                failure = error
+            except httpx.TransportError as error:
+                raise CaddyUnavailable(
+                    f"{method} {self.admin_url}{path} failed ({error!r}). Check that Caddy is running"
+                ) from error
+
+            delay = next(delays, None)
+            if delay is None:
+                raise CaddyUnavailable(
+                    f"Caddy admin API at {self.admin_url} cannot be reached ({method} {path} failed {attempt} times,"
+                    f" last with {failure!r}). Check that Caddy is running and that its admin.listen address matches"
+                ) from failure
+            log.info("caddy.request_retry", method=method, path=path, attempt=attempt, error=repr(failure))
+            await asyncio.sleep(delay)
 
     def _raise_for_status(self, method: str, path: str, response: httpx.Response) -> None:
         if response.is_success:

@@ -9,7 +9,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from jarvis_deploy.db.models import Project, ProxyRoute
-from jarvis_deploy.proxy.caddy import CaddyClient, CaddyError, route_id
+from jarvis_deploy.proxy.caddy import CaddyClient, CaddyError, RouteNotFound, route_id
 
 logger = structlog.get_logger(__name__)
 
@@ -57,7 +57,11 @@ class TrafficRouter:
             if current is None:
                 await self.caddy.apply_route(identifier, hosts, upstreams)
             else:
-                await self.caddy.set_upstreams(identifier, upstreams)
+                try:
+                    await self.caddy.set_upstreams(identifier, upstreams)
+                except RouteNotFound:
+                    # Caddy lost the route (a restart) between the read and the switch.
+                    await self.caddy.apply_route(identifier, hosts, upstreams)
         seconds = time.monotonic() - started
         logger.info(
             "route.switched", project=project, deployment_id=str(deployment_id), upstreams=len(upstreams), ms=round(seconds * 1000, 1)
