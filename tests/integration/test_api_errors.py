@@ -129,3 +129,4 @@ async def test_healthz_and_readyz(client):
     ready = await client.get("/readyz")
     assert ready.status_code == 200, ready.text
     assert ready.json()["checks"] == {"database": "ok", "redis": "ok", "docker": "ok"}
+

@@ -52,7 +52,9 @@ def get_engine(request: Request) -> DockerEngine:
     return request.app.state.engine
 
 
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
+# scope="function" commits (and sends queued jobs) before the response goes out, so a client that
+# reads right after a 202 finds the row.
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RedisDep = Annotated[ArqRedis, Depends(get_redis)]
 EngineDep = Annotated[DockerEngine, Depends(get_engine)]
