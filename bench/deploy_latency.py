@@ -127,6 +127,23 @@ class ServiceProcesses:
         return self.log_dir / f"{name}.log"
 
 
+def add_service_arguments(parser: argparse.ArgumentParser, logs: str) -> None:
+    """Add --service-root and --log-dir, shared by the benchmarks that start the service."""
+    parser.add_argument(
+        "--service-root",
+        type=Path,
+        default=ROOT,
+        help="jarvis-deploy checkout to run the migration, the API and the worker from "
+        "(default: the repository that contains this script)",
+    )
+    parser.add_argument(
+        "--log-dir",
+        type=Path,
+        default=None,
+        help=f"directory to keep {logs} in (default: a temporary directory, removed at the end)",
+    )
+
+
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Compare the deployment latency of jarvis-deploy with a plain `docker run` of the same image.",
@@ -156,19 +173,7 @@ def parse_arguments() -> argparse.Namespace:
         default=None,
         help="sets JARVIS_WORKER_POLL_DELAY for the worker, in seconds (default: the service's default)",
     )
-    parser.add_argument(
-        "--service-root",
-        type=Path,
-        default=ROOT,
-        help="jarvis-deploy checkout to run the migration, the API and the worker from "
-        "(default: the repository that contains this script)",
-    )
-    parser.add_argument(
-        "--log-dir",
-        type=Path,
-        default=None,
-        help="directory to keep the API and worker logs in (default: a temporary directory, removed at the end)",
-    )
+    add_service_arguments(parser, "the API and worker logs")
 
     arguments = parser.parse_args()
     if arguments.runs < 1:

@@ -54,11 +54,11 @@ import aiodocker
 import httpx
 
 from bench.deploy_latency import (
+    add_service_arguments,
     APP_PORT,
     BASELINE_LABEL,
     HEALTH_PATH,
     FINAL_STATES,
-    ROOT,
     STATUS_POLL_INTERVAL,
     BenchmarkError,
     BenchNames,
@@ -828,19 +828,7 @@ def parse_arguments() -> argparse.Namespace:
         default=",".join(SCENARIOS),
         help=f"comma-separated scenarios to run, in this order (default {','.join(SCENARIOS)})",
     )
-    parser.add_argument(
-        "--service-root",
-        type=Path,
-        default=ROOT,
-        help="jarvis-deploy checkout to run the migration, the API and the worker from "
-        "(default: the repository that contains this script)",
-    )
-    parser.add_argument(
-        "--log-dir",
-        type=Path,
-        default=None,
-        help="directory to keep the API, worker and Caddy logs in (default: a temporary directory, removed at the end)",
-    )
+    add_service_arguments(parser, "the API, worker and Caddy logs")
 
     arguments = parser.parse_args()
     if arguments.deployments < 1:

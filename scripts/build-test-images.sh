@@ -15,8 +15,8 @@
 #   FAIL_AFTER=N    /cgi-bin/health responds 500 once N seconds have passed since start
 #   CRASH_AFTER=N   the process exits N seconds after start with exit code CRASH_CODE (default 3)
 #   START_COUNTER_DIR=DIR, FAIL_FROM_START=N
-#                   each start adds a file to DIR (a volume shared by the replicas); the container
-#                   whose start is number N or later in that directory fails /cgi-bin/health
+#                   each start adds a file to DIR, a volume that the replicas share. A container
+#                   whose start is number N or later in that directory fails /cgi-bin/health.
 # Paths: /cgi-bin/version prints the version, /cgi-bin/env?NAME prints the value of NAME without
 # an added newline (404 when NAME is not set), /cgi-bin/health prints "ok".
 #

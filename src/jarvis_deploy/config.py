@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     caddy_admin_url: str = Field(
         "http://127.0.0.1:2019", description="Caddy admin API; empty leaves routing to caddy-docker-proxy labels."
     )
-    caddy_server: str = Field("jarvis", description="Name of the Caddy HTTP server that holds the service's routes.")
+    caddy_server: str = Field("jarvis", description="Name of the Caddy HTTP server that contains the service's routes.")
     caddy_listen: list[str] = Field(
         default_factory=lambda: [":80"], description="Listen addresses of that server when the service creates it."
     )

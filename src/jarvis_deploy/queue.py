@@ -16,7 +16,7 @@ PENDING_JOBS = "pending_jobs"
 
 
 def after_commit(session: AsyncSession, function: str, deployment_id: uuid.UUID) -> None:
-    """Hold a job until the session's transaction commits, so no job sees a row that was rolled back."""
+    """Keep a job back until the session's transaction commits, so no job reads a row that was rolled back."""
     session.info.setdefault(PENDING_JOBS, []).append((function, deployment_id))
 
 

@@ -64,7 +64,7 @@ async def test_values_reach_container_byte_for_byte(client, project, docker, tmp
     stored = (await client.get(f"/api/jarvis/deployments/{accepted['id']}/compose")).text
     validate_document(yaml.safe_load(stored))
 
-    # docker inspect: the environment holds each value exactly.
+    # docker inspect: the environment contains each value exactly.
     container = (await containers_of(docker, project["name"]))[0]
     info = await container.show()
     env = _docker_env(info["Config"]["Env"])

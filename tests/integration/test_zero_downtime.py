@@ -18,7 +18,7 @@ HEALTH = {"type": "http", "path": "/cgi-bin/health", "interval": 0.2, "timeout":
 
 @dataclass
 class Traffic:
-    """Steady requests through Caddy for one domain; records every status and answer.
+    """Steady requests through Caddy for one domain, recording every status and response body.
 
     Caddy 2.6 reloads its configuration on every admin API change and closes idle keep-alive
     connections then. A GET sent on such a connection at that moment gets no response at all, and
@@ -49,7 +49,7 @@ class Traffic:
         try:
             return await http.get(url, headers={"Host": self.host})
         except (httpx.RemoteProtocolError, httpx.ReadError):
-            # The server closed the kept-alive connection without answering; retry on a new one.
+            # The server closed the kept-alive connection without a response, so retry on a new one.
             self.retried += 1
             return await http.get(url, headers={"Host": self.host})
 
@@ -127,7 +127,8 @@ async def test_blue_green_drops_no_request(client, project, docker, caddy):
     assert len(await containers_of(docker, project["name"])) == 1
 
 
-async def test_failed_health_keeps_old_version_serving(client, project, docker, caddy):
+async def replace_v1_under_traffic(client, project, caddy, **fields) -> tuple[dict, dict, Traffic]:
+    """Deploy v1 blue-green, then v2 with `fields` under steady traffic; returns v1, v2's final state and the traffic."""
     host = f"{project['name']}.jarvis.test"
     first = await deploy(client, project, image_ref=app_image("v1"), domain=host, strategy="blue-green")
     await wait_for_status(client, first["id"], {"succeeded"})
@@ -135,48 +136,31 @@ async def test_failed_health_keeps_old_version_serving(client, project, docker, 
     traffic = Traffic(caddy.http_port, host)
     traffic.start()
     try:
-        bad = await deploy(
-            client,
-            project,
-            image_ref=app_image("v2"),
-            domain=host,
-            strategy="blue-green",
-            environment={"HEALTH_FAIL": "1"},
-            healthcheck={**HEALTH, "retries": 5},
-        )
-        done = await wait_for_status(client, bad["id"], {"succeeded", "failed", "rolled_back"})
+        second = await deploy(client, project, image_ref=app_image("v2"), domain=host, strategy="blue-green", **fields)
+        done = await wait_for_status(client, second["id"], {"succeeded", "failed", "rolled_back"})
     finally:
         await traffic.stop()
+    return first, done, traffic
+
+
+async def test_failed_health_keeps_old_version_serving(client, project, docker, caddy):
+    first, done, traffic = await replace_v1_under_traffic(
+        client, project, caddy, environment={"HEALTH_FAIL": "1"}, healthcheck={**HEALTH, "retries": 5}
+    )
 
     assert done["status"] == "failed"
     assert "health check failed" in done["error"]
     assert traffic.failures() == Counter()
     assert set(traffic.versions()) == {"v1"}
-    assert await deployment_ports(docker, project["name"], bad["id"]) == set()
+    assert await deployment_ports(docker, project["name"], done["id"]) == set()
     remaining = await containers_of(docker, project["name"])
     assert [c["Labels"]["dev.jarvis-deploy.deployment"] for c in [item._container for item in remaining]] == [first["id"]]
 
 
 async def test_slow_start_gets_no_traffic_before_healthy(client, project, caddy):
-    host = f"{project['name']}.jarvis.test"
-    first = await deploy(client, project, image_ref=app_image("v1"), domain=host, strategy="blue-green")
-    await wait_for_status(client, first["id"], {"succeeded"})
-
-    traffic = Traffic(caddy.http_port, host)
-    traffic.start()
-    try:
-        slow = await deploy(
-            client,
-            project,
-            image_ref=app_image("v2"),
-            domain=host,
-            strategy="blue-green",
-            environment={"START_DELAY": "3"},
-            healthcheck={**HEALTH, "retries": 50},
-        )
-        done = await wait_for_status(client, slow["id"], {"succeeded", "failed", "rolled_back"})
-    finally:
-        await traffic.stop()
+    _, done, traffic = await replace_v1_under_traffic(
+        client, project, caddy, environment={"START_DELAY": "3"}, healthcheck={**HEALTH, "retries": 50}
+    )
 
     assert done["status"] == "succeeded", done
     assert traffic.failures() == Counter()
@@ -189,24 +173,7 @@ async def test_slow_start_gets_no_traffic_before_healthy(client, project, caddy)
 
 
 async def test_unhealthy_in_watch_window_rolls_back(client, project, docker, caddy):
-    host = f"{project['name']}.jarvis.test"
-    first = await deploy(client, project, image_ref=app_image("v1"), domain=host, strategy="blue-green")
-    await wait_for_status(client, first["id"], {"succeeded"})
-
-    traffic = Traffic(caddy.http_port, host)
-    traffic.start()
-    try:
-        flaky = await deploy(
-            client,
-            project,
-            image_ref=app_image("v2"),
-            domain=host,
-            strategy="blue-green",
-            environment={"FAIL_AFTER": "3"},
-        )
-        done = await wait_for_status(client, flaky["id"], {"succeeded", "failed", "rolled_back"})
-    finally:
-        await traffic.stop()
+    first, done, traffic = await replace_v1_under_traffic(client, project, caddy, environment={"FAIL_AFTER": "3"})
 
     assert done["status"] == "rolled_back", done
     assert "health" in done["error"]
@@ -287,3 +254,20 @@ async def test_routes_come_back_after_caddy_restart(client, project, caddy):
     async with httpx.AsyncClient(trust_env=False) as http:
         response = await http.get(f"http://127.0.0.1:{caddy.http_port}/cgi-bin/version", headers={"Host": host})
     assert response.text.strip() == "v1"
+
+
+async def test_domain_change_moves_route(client, project, caddy):
+    old_host = f"{project['name']}.jarvis.test"
+    new_host = f"new-{project['name']}.jarvis.test"
+    first = await deploy(client, project, image_ref=app_image("v1"), domain=old_host, strategy="blue-green")
+    await wait_for_status(client, first["id"], {"succeeded"})
+
+    second = await deploy(client, project, image_ref=app_image("v2"), domain=new_host, strategy="blue-green")
+    done = await wait_for_status(client, second["id"], {"succeeded", "failed", "rolled_back"})
+
+    assert done["status"] == "succeeded", done
+    async with httpx.AsyncClient(trust_env=False) as http:
+        moved = await http.get(f"http://127.0.0.1:{caddy.http_port}/cgi-bin/version", headers={"Host": new_host})
+        left = await http.get(f"http://127.0.0.1:{caddy.http_port}/cgi-bin/version", headers={"Host": old_host})
+    assert moved.text.strip() == "v2"
+    assert left.text.strip() not in {"v1", "v2"}

@@ -19,7 +19,7 @@ class Readiness(BaseModel):
 
 @router.get("/healthz")
 async def healthz() -> dict[str, str]:
-    """Answer while the process is up."""
+    """Return 200 while the process is up."""
     return {"status": "ok"}
 
 
@@ -48,7 +48,7 @@ async def _run_check(check, request: Request) -> str:
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
 async def readyz(request: Request) -> JSONResponse:
-    """Report whether the database, Redis and the Docker Engine answer; 503 names what is down."""
+    """Report whether the database, Redis and the Docker Engine respond; a 503 names each one that is down."""
     names = ("database", "redis", "docker")
     results = await asyncio.gather(
         _run_check(_check_database, request), _run_check(_check_redis, request), _run_check(_check_docker, request)

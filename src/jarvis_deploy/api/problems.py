@@ -111,6 +111,17 @@ async def _handle_database(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _handle_connection(request: Request, exc: Exception) -> JSONResponse:
+    logger.warning("dependency.unreachable", error_type=type(exc).__name__, path=request.url.path)
+    return problem_response(
+        503,
+        "Dependency unavailable",
+        "a dependency (database, Redis or the Docker Engine) could not be reached; retry later",
+        type_slug="unavailable",
+        headers={"Retry-After": "5"},
+    )
+
+
 async def _handle_redis(request: Request, exc: Exception) -> JSONResponse:
     logger.warning("redis.unavailable", error_type=type(exc).__name__, path=request.url.path)
     return problem_response(
@@ -135,6 +146,6 @@ def register_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _handle_http)
     app.add_exception_handler(OperationalError, _handle_database)
     app.add_exception_handler(InterfaceError, _handle_database)
-    app.add_exception_handler(OSError, _handle_database)
+    app.add_exception_handler(OSError, _handle_connection)
     app.add_exception_handler(RedisError, _handle_redis)
     app.add_exception_handler(Exception, _handle_unexpected)

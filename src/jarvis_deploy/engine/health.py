@@ -91,15 +91,7 @@ async def wait_until_healthy(
 
         address = probe_address(info, port) or address
         probes += 1
-        if address is None:
-            status = (info.get("State") or {}).get("Status")
-            error: str | None = (
-                f"container (status {status}) has no published port for {port}/tcp and no IP address on a network"
-            )
-        elif check.type == "http":
-            error = await _probe_http(address, check)
-        else:
-            error = await _probe_tcp(address, check.timeout)
+        error = await _probe(info, address, port, check)
         passed = error is None and docker_health in (None, DOCKER_HEALTHY)
         elapsed = time.monotonic() - started
 
@@ -183,6 +175,16 @@ def _join_host_port(host: str, port: int) -> str:
     except ValueError:
         is_ipv6 = False
     return f"[{host}]:{port}" if is_ipv6 else f"{host}:{port}"
+
+
+async def _probe(info: dict[str, Any], address: str | None, port: int, check: HealthCheck) -> str | None:
+    """Probe once; returns None when the probe passed, else the error."""
+    if address is None:
+        status = (info.get("State") or {}).get("Status")
+        return f"container (status {status}) has no published port for {port}/tcp and no IP address on a network"
+    if check.type == "http":
+        return await _probe_http(address, check)
+    return await _probe_tcp(address, check.timeout)
 
 
 def _split_host_port(address: str) -> tuple[str, int]:
@@ -273,11 +275,11 @@ async def _raise_if_crashed(engine: DockerEngine, info: dict[str, Any], probes: 
     except EngineError as error:
         log.warning("health.crash_logs_unavailable", container_id=container_id, error=str(error))
 
-    what = "exited" if status in ("exited", "dead", "removing") else f"crashed and was restarted {restarts} time(s)"
+    outcome = "exited" if status in ("exited", "dead", "removing") else f"crashed and was restarted {restarts} time(s)"
     code_text = f"with exit code {exit_code}" if exit_code is not None else "with an unknown exit code"
     oom = " (killed for running out of memory)" if state.get("OOMKilled") else ""
     reason = (
-        f"container {name} {what} {code_text}{oom} after {elapsed:.1f}s and {probes} probes, "
+        f"container {name} {outcome} {code_text}{oom} after {elapsed:.1f}s and {probes} probes, "
         "before it became healthy"
     )
     if logs:
@@ -343,13 +345,7 @@ async def watch(
             if _docker_health(info) == DOCKER_UNHEALTHY:
                 return f"container {info.get('Name', '').lstrip('/')} reports Docker health status unhealthy"
 
-            address = probe_address(info, port)
-            if address is None:
-                error_text: str | None = f"container has no address for port {port}"
-            elif check.type == "http":
-                error_text = await _probe_http(address, check)
-            else:
-                error_text = await _probe_tcp(address, check.timeout)
+            error_text = await _probe(info, probe_address(info, port), port, check)
             probes += 1
 
             failures[container_id] = failures[container_id] + 1 if error_text else 0

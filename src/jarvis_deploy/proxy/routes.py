@@ -1,4 +1,4 @@
-"""Project routes: the database holds each project's desired route, and Caddy is made to match it."""
+"""Project routes: the database stores each project's desired route, and the worker makes Caddy match it."""
 
 import time
 import uuid
@@ -36,6 +36,8 @@ class TrafficRouter:
         started = time.monotonic()
         identifier = route_id(project)
         async with self.sessionmaker() as session:
+            previous = await session.get(ProxyRoute, project_id)
+            hosts_changed = previous is None or list(previous.hosts) != hosts
             await session.execute(
                 insert(ProxyRoute)
                 .values(
@@ -52,16 +54,14 @@ class TrafficRouter:
             )
             await session.commit()
 
-        if self.caddy is not None:
-            current = await self.caddy.get_upstreams(identifier)
-            if current is None:
+        if self.caddy is not None and hosts_changed:
+            await self.caddy.apply_route(identifier, hosts, upstreams)
+        elif self.caddy is not None:
+            try:
+                await self.caddy.set_upstreams(identifier, upstreams)
+            except RouteNotFound:
+                # Caddy lost the route, in a restart say.
                 await self.caddy.apply_route(identifier, hosts, upstreams)
-            else:
-                try:
-                    await self.caddy.set_upstreams(identifier, upstreams)
-                except RouteNotFound:
-                    # Caddy lost the route (a restart) between the read and the switch.
-                    await self.caddy.apply_route(identifier, hosts, upstreams)
         seconds = time.monotonic() - started
         logger.info(
             "route.switched", project=project, deployment_id=str(deployment_id), upstreams=len(upstreams), ms=round(seconds * 1000, 1)

@@ -1,4 +1,4 @@
-"""What a strategy gets to work with, and the steps every strategy shares."""
+"""Deployment plan and run state, and the steps that every strategy shares."""
 
 import asyncio
 import time
@@ -103,6 +103,18 @@ class RunOptions:
     # network, so old containers leave it before they drain.
     admin_api: bool
 
+    @property
+    def defer_proxy_network(self) -> bool:
+        """Whether new containers join the proxy network only once healthy.
+
+        caddy-docker-proxy and Caddy dialing over the network route by network membership, so a
+        container joins only when it may take traffic. A Caddy on the host dialing loopback ports
+        through the admin API does not, and joining a running container to a network makes
+        Docker 20.10 publish its ports again on new ephemeral host ports, which would move the
+        upstream after the switch. So there the container is created on the network.
+        """
+        return not (self.upstream_mode == "loopback" and self.admin_api)
+
 
 @dataclass
 class DeploymentRun:
@@ -188,7 +200,7 @@ async def start_replica(run: DeploymentRun, replica: int, color: str | None = No
     name = naming.container_name(plan.project, plan.version, replica)
     container_plan = container_config(plan.document, plan.service, plan.labels(replica, color))
     deferred: list[NetworkAttachment] = []
-    if run.routed:
+    if run.routed and run.options.defer_proxy_network:
         container_plan, deferred = _defer_network(container_plan, run.options.proxy_network)
 
     container_id = await run.engine.create_container(name, container_plan)
@@ -250,14 +262,32 @@ async def upstream_of(run: DeploymentRun, container_id: str) -> str:
     return f"{info['Name'].lstrip('/')}:{port}"
 
 
-async def switch_to(run: DeploymentRun, container_ids: list[str], started: float | None = None) -> None:
-    """Point the project's route at exactly these containers, in one change."""
+async def switch_to(
+    run: DeploymentRun,
+    container_ids: list[str],
+    started: float | None = None,
+    owner: uuid.UUID | None = None,
+) -> None:
+    """Point the project's route at exactly these containers, in one change.
+
+    `owner` is the deployment the containers belong to, when it is not the one being run.
+    """
     if not run.routed or run.router is None:
         return
     upstreams = [await upstream_of(run, container_id) for container_id in container_ids]
-    seconds = await run.router.switch(run.plan.project_id, run.plan.project, run.plan.domains, upstreams, run.plan.deployment_id)
+    seconds = await run.router.switch(
+        run.plan.project_id, run.plan.project, run.plan.domains, upstreams, owner or run.plan.deployment_id
+    )
     since = f" ({elapsed_ms(started)} ms after healthy)" if started is not None else ""
     await run.record("switched", f"route now sends traffic to {', '.join(upstreams)}{since}", int(seconds * 1000))
+
+
+async def bring_into_service(
+    run: DeploymentRun, joining: list[NewContainer], upstream_ids: list[str], healthy_at: float
+) -> None:
+    """Put healthy new containers on the proxy network, then route to `upstream_ids` (which includes them)."""
+    await join_proxy(run, joining)
+    await switch_to(run, upstream_ids, started=healthy_at)
 
 
 async def drain_and_stop(run: DeploymentRun, containers: list[ContainerInfo]) -> None:
@@ -285,6 +315,13 @@ async def remove_containers(run: DeploymentRun, containers: list[str]) -> None:
 
 async def project_containers(engine: DockerEngine, project: str) -> list[ContainerInfo]:
     return await engine.list_containers({naming.LABEL_MANAGED: "true", naming.LABEL_PROJECT: project})
+
+
+async def prepare(run: DeploymentRun) -> list[ContainerInfo]:
+    """Pull the image, create networks and volumes, and return the containers of earlier deployments."""
+    await ensure_image(run)
+    await ensure_networks_and_volumes(run)
+    return await previous_containers(run)
 
 
 async def previous_containers(run: DeploymentRun) -> list[ContainerInfo]:
@@ -332,12 +369,9 @@ async def restore(run: DeploymentRun, old: list[ContainerInfo], reason: str, *, 
             continue
         restored.append(container)
 
-    if restored and run.routed and run.router is not None:
-        upstreams = [await upstream_of(run, container.id) for container in restored]
+    if restored:
         owner = restored[0].labels.get(naming.LABEL_DEPLOYMENT)
-        await run.router.switch(
-            run.plan.project_id, run.plan.project, run.plan.domains, upstreams, uuid.UUID(owner) if owner else None
-        )
+        await switch_to(run, [container.id for container in restored], owner=uuid.UUID(owner) if owner else None)
     await remove_containers(run, run.created)
     if restored:
         await run.record("restored", f"previous version serves again ({len(restored)} container(s)): {reason}", None)

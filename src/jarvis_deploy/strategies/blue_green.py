@@ -6,15 +6,12 @@ from jarvis_deploy.engine.errors import EngineError, HealthCheckFailed
 from jarvis_deploy.strategies.base import (
     DeploymentFailed,
     DeploymentRun,
+    bring_into_service,
     drain_and_stop,
-    ensure_image,
-    ensure_networks_and_volumes,
-    join_proxy,
     next_color,
-    previous_containers,
+    prepare,
     remove_containers,
     start_replica,
-    switch_to,
     wait_healthy,
 )
 from jarvis_deploy.strategies.watch import watch_and_finish
@@ -24,29 +21,23 @@ class BlueGreenStrategy:
     name = "blue-green"
 
     async def deploy(self, run: DeploymentRun) -> None:
-        plan = run.plan
-        await ensure_image(run)
-        await ensure_networks_and_volumes(run)
-
-        old = await previous_containers(run)
+        old = await prepare(run)
         live = [container for container in old if container.state == "running"]
         color = next_color(live)
 
-        # Start the whole new version beside the live one; the live one is not touched until it is healthy.
+        # Start the whole new version beside the live one, which is not touched until the new one is healthy.
         new = []
         try:
-            for replica in range(1, plan.replicas + 1):
+            for replica in range(1, run.plan.replicas + 1):
                 container = await start_replica(run, replica, color)
                 new.append(container)
                 await wait_healthy(run, container)
         except (EngineError, HealthCheckFailed) as error:
             await remove_containers(run, run.created)
             raise DeploymentFailed(f"{error}. The previous version kept serving") from error
-        healthy_at = time.monotonic()
 
         # One route change moves every new request to the new color.
-        await join_proxy(run, new)
-        await switch_to(run, [container.id for container in new], started=healthy_at)
+        await bring_into_service(run, new, [container.id for container in new], time.monotonic())
 
         await drain_and_stop(run, live)
         await watch_and_finish(run, [container.id for container in new], old)

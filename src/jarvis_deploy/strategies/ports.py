@@ -42,8 +42,8 @@ async def check_host_ports_free(run: DeploymentRun, old: list[ContainerInfo]) ->
     NOTE: the bind test assumes the worker runs on the Docker host itself (not in a container).
     """
     body = container_config(run.plan.document, run.plan.service, {}).body
-    wanted = _published_ports(body)
-    if not wanted:
+    requested = _published_ports(body)
+    if not requested:
         return
 
     held_by_old: set[int] = set()
@@ -51,7 +51,7 @@ async def check_host_ports_free(run: DeploymentRun, old: list[ContainerInfo]) ->
         if container.state == "running":
             held_by_old |= await _ports_of(run, container)
 
-    for host_ip, port in wanted:
+    for host_ip, port in requested:
         if port in held_by_old:
             continue
         if not _bindable(host_ip, port):

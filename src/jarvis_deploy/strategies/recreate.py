@@ -1,4 +1,4 @@
-"""Recreate: stop the old containers, then start the new ones. Requests get no answer in between."""
+"""Recreate: stop the old containers, then start the new ones. Requests fail in between."""
 
 import time
 
@@ -6,15 +6,12 @@ from jarvis_deploy.engine.errors import EngineError, HealthCheckFailed
 from jarvis_deploy.strategies.base import (
     DeploymentFailed,
     DeploymentRun,
+    bring_into_service,
     elapsed_ms,
-    ensure_image,
-    ensure_networks_and_volumes,
-    join_proxy,
-    previous_containers,
+    prepare,
     remove_containers,
     restore,
     start_replica,
-    switch_to,
     wait_healthy,
 )
 from jarvis_deploy.strategies.ports import check_host_ports_free
@@ -27,9 +24,7 @@ class RecreateStrategy:
         plan = run.plan
 
         # Prepare everything that does not touch the running version first.
-        await ensure_image(run)
-        await ensure_networks_and_volumes(run)
-        old = await previous_containers(run)
+        old = await prepare(run)
         await check_host_ports_free(run, old)
 
         # Stop (but keep) the old containers, so they can come back if the new version fails.
@@ -47,9 +42,7 @@ class RecreateStrategy:
                 container = await start_replica(run, replica)
                 new.append(container)
                 await wait_healthy(run, container)
-            healthy_at = time.monotonic()
-            await join_proxy(run, new)
-            await switch_to(run, [container.id for container in new], started=healthy_at)
+            await bring_into_service(run, new, [container.id for container in new], time.monotonic())
         except (EngineError, HealthCheckFailed) as error:
             await restore(run, running_old, str(error), remove_new_first=True)
             raise DeploymentFailed(str(error)) from error
