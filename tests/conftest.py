@@ -1,6 +1,8 @@
 """Fixtures for tests against real components: a fresh migrated database, Redis, a worker process, Docker."""
 
 import asyncio
+import base64
+import hashlib
 import os
 import secrets
 import subprocess
@@ -76,6 +78,7 @@ def service_env(run_id: str, database_url: str, caddy: CaddyProcess) -> dict[str
         "JARVIS_PUBLISH_HOST_IP": "127.0.0.1",
         "JARVIS_STOP_TIMEOUT": "2",
         "JARVIS_LOG_LEVEL": "DEBUG",
+        "JARVIS_SECRET_KEY": base64.urlsafe_b64encode(hashlib.sha256(run_id.encode()).digest()).decode(),
     }
 
 
