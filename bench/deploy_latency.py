@@ -234,6 +234,20 @@ def migrate_database(environment: dict[str, str], root: Path) -> None:
         raise BenchmarkError(f"jarvis-deploy migrate failed with exit code {result.returncode}:\n{result.stderr}")
 
 
+def create_admin_token(environment: dict[str, str], root: Path, name: str) -> str:
+    """Create an admin API token with the CLI, as an operator on the host would."""
+    result = subprocess.run(
+        [sys.executable, "-m", "jarvis_deploy.cli", "token", "create", "--name", name, "--scope", "admin"],
+        env=environment,
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        raise BenchmarkError(f"jarvis-deploy token create failed with exit code {result.returncode}:\n{result.stderr}")
+    return result.stdout.strip()
+
+
 def start_service(
     services: ServiceProcesses, name: str, arguments: list[str], environment: dict[str, str], root: Path
 ) -> None:
@@ -542,6 +556,7 @@ async def benchmark(
     arguments: argparse.Namespace,
     names: BenchNames,
     api_url: str,
+    token: str,
     services: ServiceProcesses,
     deployment_ids: list[str],
 ) -> None:
@@ -555,7 +570,9 @@ async def benchmark(
     baseline_port = free_port()
     # trust_env=False keeps HTTP_PROXY and similar variables from sending loopback traffic elsewhere.
     async with (
-        httpx.AsyncClient(base_url=api_url, trust_env=False, timeout=30.0) as client,
+        httpx.AsyncClient(
+            base_url=api_url, trust_env=False, timeout=30.0, headers={"Authorization": f"Bearer {token}"}
+        ) as client,
         # Like the service's own probe, the baseline opens a new connection for every probe.
         httpx.AsyncClient(
             trust_env=False, timeout=PROBE_TIMEOUT, limits=httpx.Limits(max_keepalive_connections=0)
@@ -680,12 +697,13 @@ def main() -> int:
     try:
         root = arguments.service_root
         migrate_database(environment, root)
+        token = create_admin_token(environment, root, f"bench-{names.run_id}")
         start_service(services, "worker", ["worker"], environment, root)
         wait_for_worker(services)
         api_port = free_port()
         api_arguments = ["api", "--host", "127.0.0.1", "--port", str(api_port)]
         start_service(services, "api", api_arguments, environment, root)
-        asyncio.run(benchmark(arguments, names, f"http://127.0.0.1:{api_port}", services, deployment_ids))
+        asyncio.run(benchmark(arguments, names, f"http://127.0.0.1:{api_port}", token, services, deployment_ids))
         return 0
     except BenchmarkError as error:
         print(f"benchmark failed: {error}", file=sys.stderr)

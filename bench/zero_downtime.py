@@ -55,6 +55,7 @@ import httpx
 
 from bench.deploy_latency import (
     add_service_arguments,
+    create_admin_token,
     APP_PORT,
     BASELINE_LABEL,
     HEALTH_PATH,
@@ -723,6 +724,7 @@ async def benchmark(
     arguments: argparse.Namespace,
     names: BenchNames,
     api_url: str,
+    token: str,
     services: ServiceProcesses,
     caddy: CaddyProcess,
     compose: ComposeProject,
@@ -736,7 +738,8 @@ async def benchmark(
 
     domain = f"{names.project}.bench.test"
     results = []
-    async with httpx.AsyncClient(base_url=api_url, trust_env=False, timeout=30.0) as client:
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=api_url, trust_env=False, timeout=30.0, headers=headers) as client:
         await wait_for_api(services, client)
         project_id = await create_project(client, names.project)
         print(f"project {names.project}, domain {domain}, Caddy HTTP 127.0.0.1:{caddy.http_port}", flush=True)
@@ -897,12 +900,13 @@ def main() -> int:
         caddy.start()
         root = arguments.service_root
         migrate_database(environment, root)
+        token = create_admin_token(environment, root, f"bench-{names.run_id}")
         start_service(services, "worker", ["worker"], environment, root)
         wait_for_worker(services)
         api_port = free_port()
         start_service(services, "api", ["api", "--host", "127.0.0.1", "--port", str(api_port)], environment, root)
         asyncio.run(
-            benchmark(arguments, names, f"http://127.0.0.1:{api_port}", services, caddy, compose, deployment_ids)
+            benchmark(arguments, names, f"http://127.0.0.1:{api_port}", token, services, caddy, compose, deployment_ids)
         )
         return 0
     except BenchmarkError as error:

@@ -116,16 +116,42 @@ def worker(service_env: dict[str, str], worker_log: Path) -> Iterator[subprocess
         process.kill()
 
 
+def create_token(service_env: dict[str, str], name: str, scopes: list[str], projects: list[str] = ()) -> str:
+    """Create an API token with the CLI, as an operator on the host would."""
+    command = [sys.executable, "-m", "jarvis_deploy.cli", "token", "create", "--name", name]
+    command += [argument for scope in scopes for argument in ("--scope", scope)]
+    command += [argument for project in projects for argument in ("--project", project)]
+    result = subprocess.run(
+        command, check=True, capture_output=True, text=True, env={**os.environ, **service_env}, cwd=ROOT
+    )
+    return result.stdout.strip()
+
+
 @pytest.fixture(scope="session")
-async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """The API in process, with its lifespan running."""
+def admin_token(service_env: dict[str, str]) -> str:
+    return create_token(service_env, "test-admin", ["admin"])
+
+
+@pytest.fixture(scope="session")
+async def api(settings: Settings) -> AsyncIterator:
+    """The API application in process, with its lifespan running."""
     from jarvis_deploy.api.app import create_app
 
     app = create_app(settings)
     async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://jarvis.test") as http:
-            yield http
+        yield app
+
+
+def api_client(app, token: str | None = None) -> httpx.AsyncClient:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://jarvis.test", headers=headers)
+
+
+@pytest.fixture(scope="session")
+async def client(api, admin_token: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the in-process API that sends an admin token."""
+    async with api_client(api, admin_token) as http:
+        yield http
 
 
 @pytest.fixture(scope="session")

@@ -84,5 +84,90 @@ def worker() -> None:
     run_worker(WorkerSettings)  # type: ignore[arg-type]
 
 
+token_app = typer.Typer(help="Create, list and revoke API tokens.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+
+async def _with_session(work):
+    from jarvis_deploy.config import get_settings
+    from jarvis_deploy.db.session import create_engine, create_sessionmaker
+
+    engine = create_engine(get_settings().database_url)
+    try:
+        async with create_sessionmaker(engine)() as session:
+            result = await work(session)
+            await session.commit()
+            return result
+    finally:
+        await engine.dispose()
+
+
+@token_app.command("create")
+def token_create(
+    name: str = typer.Option(..., help="Name of the token, shown in the audit trail."),
+    scope: list[str] = typer.Option(..., help="read, deploy or admin; repeat for several."),
+    project: list[str] = typer.Option(None, help="Project the token may touch; repeat for several. Default: all."),
+) -> None:
+    """Create a token and print it; it is shown only once."""
+    from pydantic import ValidationError
+
+    from jarvis_deploy.auth import service
+    from jarvis_deploy.auth.schemas import TokenCreate
+    from jarvis_deploy.errors import Conflict
+
+    try:
+        body = TokenCreate(name=name, scopes=scope, projects=project or None)
+    except ValidationError as error:
+        for item in error.errors():
+            typer.echo(f"invalid {'.'.join(str(part) for part in item['loc'])}: {item['msg']}", err=True)
+        raise typer.Exit(2) from None
+
+    async def work(session):
+        return await service.create(session, name=body.name, scopes=body.scopes, projects=body.projects)
+
+    try:
+        _, token = asyncio.run(_with_session(work))
+    except Conflict as error:
+        typer.echo(error.detail, err=True)
+        raise typer.Exit(1) from None
+    typer.echo(token)
+
+
+@token_app.command("list")
+def token_list() -> None:
+    """List tokens: name, scopes, projects, created, last used, revoked (never the token)."""
+    from jarvis_deploy.auth import service
+
+    rows = asyncio.run(_with_session(service.list_all))
+    for row in rows:
+        projects = ",".join(row.projects) if row.projects is not None else "*"
+        typer.echo(
+            f"{row.id}  {row.name}  scopes={','.join(row.scopes)}  projects={projects}  "
+            f"created={row.created_at:%Y-%m-%dT%H:%M:%SZ}  last_used={row.last_used_at or '-'}  "
+            f"revoked={row.revoked_at or '-'}"
+        )
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: str = typer.Argument(..., help="Id of the token, from `token list`.")) -> None:
+    """Revoke a token."""
+    import uuid
+
+    from jarvis_deploy.auth import service
+    from jarvis_deploy.errors import NotFound
+
+    try:
+        identifier = uuid.UUID(token_id)
+    except ValueError:
+        typer.echo(f"invalid token id {token_id!r}; pass the id that `token list` prints", err=True)
+        raise typer.Exit(2) from None
+    try:
+        asyncio.run(_with_session(lambda session: service.revoke(session, identifier)))
+    except NotFound as error:
+        typer.echo(error.detail, err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"revoked {identifier}")
+
+
 if __name__ == "__main__":
     app()

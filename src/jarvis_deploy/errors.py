@@ -49,3 +49,15 @@ class DependencyUnavailable(JarvisError):
         super().__init__(detail, dependency=dependency)
         self.dependency = dependency
         self.retry_after = retry_after
+
+
+class Unauthorized(JarvisError):
+    status_code = 401
+    title = "Unauthorized"
+    type_slug = "unauthorized"
+
+
+class Forbidden(JarvisError):
+    status_code = 403
+    title = "Forbidden"
+    type_slug = "forbidden"

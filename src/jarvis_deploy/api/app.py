@@ -9,6 +9,8 @@ from fastapi import FastAPI
 from jarvis_deploy import __version__
 from jarvis_deploy.api import health
 from jarvis_deploy.api.problems import register_problem_handlers
+from jarvis_deploy.auth import endpoints as auth_endpoints
+from jarvis_deploy.auth.audit import audit_middleware
 from jarvis_deploy.config import Settings, get_settings
 from jarvis_deploy.db.session import create_engine, create_sessionmaker
 from jarvis_deploy.deployments import endpoints as deployment_endpoints
@@ -20,6 +22,10 @@ DESCRIPTION = """
 Runs container images on a Docker host. A deployment request names a project, an image and a port,
 and optionally domains, environment, volumes, networks, a strategy and a health check. The service
 renders a Compose document, stores it with its SHA-256 checksum, and a worker carries it out.
+
+Every endpoint except /healthz, /readyz and these docs needs `Authorization: Bearer <token>`.
+Create the first admin token on the host with `jarvis-deploy token create --name NAME --scope admin`,
+then use the Authorize button above.
 """
 
 
@@ -50,9 +56,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     register_problem_handlers(app)
+    app.middleware("http")(audit_middleware)
     app.include_router(health.router)
     app.include_router(project_endpoints.router)
     app.include_router(deployment_endpoints.router)
+    app.include_router(auth_endpoints.router)
     return app
 
 

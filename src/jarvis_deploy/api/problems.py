@@ -11,7 +11,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jarvis_deploy.errors import DependencyUnavailable, InvalidRequest, JarvisError
+from jarvis_deploy.errors import DependencyUnavailable, InvalidRequest, JarvisError, Unauthorized
 
 logger = structlog.get_logger(__name__)
 
@@ -82,6 +82,8 @@ async def _handle_jarvis_error(request: Request, exc: JarvisError) -> JSONRespon
     errors = None
     if isinstance(exc, DependencyUnavailable):
         headers = {"Retry-After": str(exc.retry_after)}
+    if isinstance(exc, Unauthorized):
+        headers = {"WWW-Authenticate": 'Bearer realm="jarvis-deploy"'}
     if isinstance(exc, InvalidRequest):
         errors = [{"field": _dotted(exc.field), "message": exc.detail, "type": exc.type_slug}]
     return problem_response(

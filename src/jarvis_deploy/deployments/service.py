@@ -129,14 +129,21 @@ async def list_page(
     session: AsyncSession,
     *,
     project_id: uuid.UUID | None,
+    project_names: frozenset[str] | None,
     status: DeploymentStatus | None,
     limit: int,
     cursor: str | None,
 ) -> tuple[list[Deployment], str | None]:
-    """List deployments newest first, one page of `limit` after `cursor`."""
+    """List deployments newest first, one page of `limit` after `cursor`.
+
+    `project_names`, when given, limits the list to those projects (a token's projects).
+    """
     statement = select(Deployment).order_by(Deployment.created_at.desc(), Deployment.id.desc()).limit(limit + 1)
     if project_id is not None:
         statement = statement.where(Deployment.project_id == project_id)
+    if project_names is not None:
+        allowed = select(Project.id).where(Project.name.in_(project_names))
+        statement = statement.where(Deployment.project_id.in_(allowed))
     if status is not None:
         statement = statement.where(Deployment.status == status.value)
     if cursor is not None:

@@ -2,37 +2,46 @@
 
 import uuid
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Request, status
 
 from jarvis_deploy.api.deps import SessionDep
 from jarvis_deploy.api.problems import Problem
+from jarvis_deploy.auth.audit import note_target
+from jarvis_deploy.auth.deps import AdminPrincipal, ReadPrincipal
 from jarvis_deploy.projects import service
 from jarvis_deploy.projects.schemas import ProjectCreate, ProjectRead
 
 router = APIRouter(prefix="/api/jarvis/projects", tags=["projects"])
 
 PROBLEM = {"model": Problem, "content": {"application/problem+json": {}}}
+AUTH_ERRORS = {401: PROBLEM, 403: PROBLEM}
 
 
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=ProjectRead,
-    responses={409: {**PROBLEM, "description": "A project with this name exists."}, 422: PROBLEM},
+    responses={**AUTH_ERRORS, 409: {**PROBLEM, "description": "A project with this name exists."}, 422: PROBLEM},
 )
-async def create_project(body: ProjectCreate, session: SessionDep) -> ProjectRead:
-    """Create a project; its name becomes the Compose project and service name."""
+async def create_project(
+    body: ProjectCreate, request: Request, session: SessionDep, principal: AdminPrincipal
+) -> ProjectRead:
+    """Create a project (admin scope); its name becomes the Compose project and service name."""
+    note_target(request, project=body.name)
     project = await service.create(session, name=body.name)
     return ProjectRead.model_validate(project)
 
 
-@router.get("", response_model=list[ProjectRead])
-async def list_projects(session: SessionDep) -> list[ProjectRead]:
-    """List all projects by name."""
-    return [ProjectRead.model_validate(project) for project in await service.list_all(session)]
+@router.get("", response_model=list[ProjectRead], responses=AUTH_ERRORS)
+async def list_projects(session: SessionDep, principal: ReadPrincipal) -> list[ProjectRead]:
+    """List the projects the token may touch, by name."""
+    projects = await service.list_all(session)
+    return [ProjectRead.model_validate(project) for project in projects if principal.may_touch(project.name)]
 
 
-@router.get("/{project_id}", response_model=ProjectRead, responses={404: PROBLEM, 422: PROBLEM})
-async def get_project(project_id: uuid.UUID, session: SessionDep) -> ProjectRead:
+@router.get("/{project_id}", response_model=ProjectRead, responses={**AUTH_ERRORS, 404: PROBLEM, 422: PROBLEM})
+async def get_project(project_id: uuid.UUID, session: SessionDep, principal: ReadPrincipal) -> ProjectRead:
     """Read one project."""
-    return ProjectRead.model_validate(await service.get(session, project_id))
+    project = await service.get(session, project_id)
+    principal.check_project(project.name)
+    return ProjectRead.model_validate(project)
