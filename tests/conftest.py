@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import hashlib
+import json
 import os
 import secrets
 import subprocess
@@ -63,7 +64,9 @@ def caddy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CaddyProcess]:
 
 
 @pytest.fixture(scope="session")
-def service_env(run_id: str, database_url: str, caddy: CaddyProcess) -> dict[str, str]:
+def service_env(
+    run_id: str, database_url: str, caddy: CaddyProcess, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
     """Environment of the service under test: its own database, queue, proxy network and Caddy, loopback ports."""
     return {
         "JARVIS_CADDY_ADMIN_URL": caddy.admin_url,
@@ -78,6 +81,7 @@ def service_env(run_id: str, database_url: str, caddy: CaddyProcess) -> dict[str
         "JARVIS_PUBLISH_HOST_IP": "127.0.0.1",
         "JARVIS_STOP_TIMEOUT": "2",
         "JARVIS_LOG_LEVEL": "DEBUG",
+        "JARVIS_ALLOWED_BIND_ROOTS": json.dumps([str(tmp_path_factory.getbasetemp())]),
         "JARVIS_SECRET_KEY": base64.urlsafe_b64encode(hashlib.sha256(run_id.encode()).digest()).decode(),
     }
 

@@ -10,12 +10,13 @@ from arq.cron import cron
 from jarvis_deploy import queue
 from jarvis_deploy.config import get_settings
 from jarvis_deploy.db.session import create_engine, create_sessionmaker
-from jarvis_deploy.deployments import reconcile, tasks
+from jarvis_deploy.deployments import reconcile, recovery, tasks
 from jarvis_deploy.deployments.runner import WorkerContext
 from jarvis_deploy.engine.docker import DockerEngine
 from jarvis_deploy.logging_config import configure_logging
 from jarvis_deploy.proxy.caddy import CaddyClient
 from jarvis_deploy.proxy.routes import TrafficRouter, reapply_routes
+from jarvis_deploy.secrets.store import ensure_secret_key
 
 logger = structlog.get_logger(__name__)
 
@@ -26,6 +27,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     configure_logging(settings.log_level, settings.log_json)
     db_engine = create_engine(settings.database_url)
     sessionmaker = create_sessionmaker(db_engine)
+    # Refuses to start when stored secrets exist that JARVIS_SECRET_KEY cannot decrypt.
+    await ensure_secret_key(sessionmaker, settings.secret_key, "worker")
     caddy = (
         CaddyClient(settings.caddy_admin_url, settings.caddy_server, settings.caddy_listen)
         if settings.caddy_admin_url
@@ -41,8 +44,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["context"] = context
 
     routes = await reapply_routes(db_engine, sessionmaker, caddy) if caddy else 0
-    requeued = await reconcile.requeue_lost_jobs(sessionmaker, ctx["redis"], settings.queue_name)
-    logger.info("worker.started", queue=settings.queue_name, requeued=requeued, routes_reapplied=routes)
+    counts = await _reconcile(ctx)
+    logger.info("worker.started", queue=settings.queue_name, routes_reapplied=routes, **counts)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
@@ -55,8 +58,21 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     logger.info("worker.stopped", queue=settings.queue_name)
 
 
-async def reconcile_queue(ctx: dict[str, Any]) -> int:
-    return await reconcile.requeue_lost_jobs(ctx["context"].sessionmaker, ctx["redis"], settings.queue_name)
+async def _reconcile(ctx: dict[str, Any]) -> dict[str, int]:
+    """Recover deployments of dead workers, remove orphaned containers, and enqueue jobs Redis lost."""
+    context: WorkerContext = ctx["context"]
+    return {
+        "recovered": await recovery.recover_abandoned(context, settings.heartbeat_timeout),
+        "orphans_removed": await recovery.remove_orphans(context),
+        "requeued": await reconcile.requeue_lost_jobs(context.sessionmaker, ctx["redis"], settings.queue_name),
+    }
+
+
+async def reconcile_state(ctx: dict[str, Any]) -> dict[str, int]:
+    counts = await _reconcile(ctx)
+    if any(counts.values()):
+        logger.info("worker.reconciled", **counts)
+    return counts
 
 
 async def reapply_proxy_routes(ctx: dict[str, Any]) -> int:
@@ -74,7 +90,7 @@ class WorkerSettings:
         func(tasks.stop_deployment, name=queue.STOP_DEPLOYMENT, keep_result=0, timeout=300, max_tries=3),
     ]
     cron_jobs = [
-        cron(reconcile_queue, second={0, 30}, run_at_startup=False, unique=True),
+        cron(reconcile_state, second={0, 30}, run_at_startup=False, unique=True),
         cron(reapply_proxy_routes, second=set(range(0, 60, 10)), run_at_startup=False, unique=True),
     ]
     on_startup = startup

@@ -1,10 +1,15 @@
 """Service settings, read from the environment with the prefix ``JARVIS_``."""
 
+import hashlib
+import json
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+
+from jarvis_deploy.policy import normalize_host_path
 
 
 class Settings(BaseSettings):
@@ -64,9 +69,81 @@ class Settings(BaseSettings):
         0.1, gt=0, description="Seconds between two polls of the queue when it is empty."
     )
     job_timeout: int = Field(1800, ge=10, description="Seconds one deployment job may run.")
+    idempotency_key_ttl: float = Field(
+        86400.0, gt=0, description="Seconds an Idempotency-Key of a deploy request is remembered."
+    )
+    heartbeat_timeout: float = Field(
+        30.0,
+        ge=10,
+        description="Seconds without a heartbeat after which an in-progress deployment whose lock is free counts as abandoned.",
+    )
+
+    secret_key: SecretStr | None = Field(
+        None,
+        description=(
+            "Fernet key (32 bytes, URL-safe base64) that encrypts the values of deployment secrets. "
+            "Unset, requests with secrets are rejected with 503."
+        ),
+    )
+
+    allowed_bind_roots: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Absolute host directories that bind mounts may use, with everything below them (JSON list). "
+            "Empty rejects every bind mount."
+        ),
+    )
+    allow_docker_socket: bool = Field(
+        False,
+        description=(
+            "Allow bind mounts of the Docker socket or a directory that contains it, which gives root on the host."
+        ),
+    )
+    allow_privileged_ports: bool = Field(False, description="Allow host ports below 1024.")
+    allowed_registries: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Registries images may come from, as `host` or `host:port` (JSON list); `docker.io` covers references "
+            "without a registry. Empty allows every registry."
+        ),
+    )
+    max_body_bytes: int = Field(1024 * 1024, ge=1, description="Largest request body the API reads, in bytes.")
 
     log_level: str = Field("INFO", description="Log level of the service's own logs.")
     log_json: bool = Field(False, description="Write the service's logs as JSON lines.")
+
+    @property
+    def instance_id(self) -> str:
+        """Identity of this service instance: a digest of its database's host, port and name."""
+        url = make_url(self.database_url)
+        return hashlib.sha256(f"{url.host}:{url.port}/{url.database}".encode()).hexdigest()[:16]
+
+    @field_validator("allowed_bind_roots", "allowed_registries", mode="before")
+    @classmethod
+    def _decode_json_list(cls, value: object) -> object:
+        # The environment source decodes JSON itself, but keyword arguments such as
+        # Settings(**environment) pass the text through.
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f'must be a JSON list of strings, such as ["/srv/apps"], not {value!r}') from error
+
+    @field_validator("allowed_bind_roots")
+    @classmethod
+    def _normalize_bind_roots(cls, roots: list[str]) -> list[str]:
+        normalized = []
+        for root in roots:
+            if not root.startswith("/"):
+                raise ValueError(f"bind root {root!r} must be an absolute path")
+            normalized.append(normalize_host_path(root))
+        return normalized
+
+    @field_validator("allowed_registries")
+    @classmethod
+    def _normalize_registries(cls, registries: list[str]) -> list[str]:
+        return [registry.strip().lower() for registry in registries]
 
 
 @lru_cache

@@ -14,6 +14,9 @@ LABEL_PROJECT = f"{LABEL_PREFIX}.project"
 LABEL_DEPLOYMENT = f"{LABEL_PREFIX}.deployment"
 LABEL_VERSION = f"{LABEL_PREFIX}.version"
 LABEL_COLOR = f"{LABEL_PREFIX}.color"
+# Which service instance (database) created the object, so instances sharing a Docker Engine never
+# clean up each other's containers.
+LABEL_INSTANCE = f"{LABEL_PREFIX}.instance"
 
 COMPOSE_PROJECT = "com.docker.compose.project"
 COMPOSE_SERVICE = "com.docker.compose.service"

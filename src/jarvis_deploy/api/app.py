@@ -8,6 +8,7 @@ from fastapi import FastAPI
 
 from jarvis_deploy import __version__
 from jarvis_deploy.api import health
+from jarvis_deploy.api.limits import BodySizeLimitMiddleware
 from jarvis_deploy.api.problems import register_problem_handlers
 from jarvis_deploy.auth import endpoints as auth_endpoints
 from jarvis_deploy.auth.audit import audit_middleware
@@ -17,6 +18,7 @@ from jarvis_deploy.deployments import endpoints as deployment_endpoints
 from jarvis_deploy.engine.docker import DockerEngine
 from jarvis_deploy.logging_config import configure_logging
 from jarvis_deploy.projects import endpoints as project_endpoints
+from jarvis_deploy.secrets.store import ensure_secret_key
 
 DESCRIPTION = """
 Runs container images on a Docker host. A deployment request names a project, an image and a port,
@@ -43,6 +45,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.redis = redis
         app.state.engine = DockerEngine(settings.docker_url)
         try:
+            # Refuses to start when stored secrets exist that JARVIS_SECRET_KEY cannot decrypt.
+            await ensure_secret_key(app.state.sessionmaker, settings.secret_key, "api")
             yield
         finally:
             await app.state.engine.close()
@@ -56,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     register_problem_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.middleware("http")(audit_middleware)
     app.include_router(health.router)
     app.include_router(project_endpoints.router)

@@ -33,6 +33,33 @@ class Problem(BaseModel):
     errors: list[FieldError] | None = None
 
 
+# The Problem schema is declared under application/problem+json, the type the service sends. FastAPI
+# also lists it under application/json because "model" is how a schema gets into the components.
+PROBLEM = {
+    "model": Problem,
+    "content": {PROBLEM_CONTENT_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+}
+
+
+def problem_doc(description: str) -> dict[str, Any]:
+    return {**PROBLEM, "description": description}
+
+
+# Errors any authenticated route can return.
+COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: problem_doc("Missing, unknown or revoked bearer token."),
+    403: problem_doc("The token lacks the scope or may not touch the project."),
+    422: problem_doc("A parameter or the body breaks a validation rule; `errors` names each field."),
+    500: problem_doc("An unexpected error; it was logged without request data."),
+    503: problem_doc("The database, Redis or the Docker Engine is unavailable; see Retry-After."),
+}
+# Further errors of routes that read a JSON body.
+BODY_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: problem_doc("The body is not valid JSON."),
+    413: problem_doc("The body is larger than JARVIS_MAX_BODY_BYTES."),
+}
+
+
 def problem_response(
     status: int,
     title: str,

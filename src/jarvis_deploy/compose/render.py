@@ -15,9 +15,11 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from pydantic import SecretStr
 
 from jarvis_deploy import naming
 from jarvis_deploy.deployments.schemas import DeployRequest, Volume
+from jarvis_deploy.secrets.cipher import SecretCipher
 
 if TYPE_CHECKING:
     from jarvis_deploy.config import Settings
@@ -40,6 +42,8 @@ class RenderOptions:
     upstream_mode: str = "network"
     log_max_size: str = "10m"
     log_max_file: int = 3
+    # JARVIS_SECRET_KEY: secret values appear in the document only as placeholders keyed by it.
+    secret_key: SecretStr | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RenderOptions:
@@ -49,6 +53,7 @@ class RenderOptions:
             upstream_mode=settings.upstream_mode,
             log_max_size=settings.log_max_size,
             log_max_file=settings.log_max_file,
+            secret_key=settings.secret_key,
         )
 
 
@@ -86,7 +91,9 @@ def render(request: DeployRequest, project: str, options: RenderOptions) -> Rend
     """Render the request as a Compose document with one service named after the project.
 
     The project name is not written into the document because docker-compose 1.29 rejects a
-    top-level `name` key, so callers pass it with `-p`.
+    top-level `name` key, so callers pass it with `-p`. Each secret becomes an environment entry
+    whose value is its placeholder, so the checksum changes with the value but the text contains none.
+    Raises ValueError when the request has secrets and `options.secret_key` is None.
     """
     _validate_project(project)
 
@@ -131,8 +138,9 @@ def _render_service(request: DeployRequest, project: str, options: RenderOptions
         },
     }
 
-    if request.environment:
-        service["environment"] = dict(request.environment)
+    environment = {**request.environment, **_secret_placeholders(request, options)}
+    if environment:
+        service["environment"] = environment
 
     domains = request.domains
     if domains:
@@ -151,6 +159,15 @@ def _render_service(request: DeployRequest, project: str, options: RenderOptions
         service["volumes"] = [_render_mount(volume) for volume in ordered]
 
     return service
+
+
+def _secret_placeholders(request: DeployRequest, options: RenderOptions) -> dict[str, str]:
+    if not request.secrets:
+        return {}
+    if options.secret_key is None:
+        raise ValueError("the request has secrets, but no secret key was given to render their placeholders")
+    cipher = SecretCipher(options.secret_key)
+    return {name: cipher.placeholder(name, value.get_secret_value()) for name, value in request.secrets.items()}
 
 
 def _render_port(request: DeployRequest, options: RenderOptions) -> str:

@@ -59,6 +59,17 @@ class ComposeSpec(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
+class SpecSecret(Base):
+    """The Fernet ciphertext of one secret of a spec, whose YAML contains only the secret's placeholder."""
+
+    __tablename__ = "spec_secrets"
+
+    spec_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("compose_specs.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(1024), primary_key=True)
+    ciphertext: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
 class Deployment(Base):
     __tablename__ = "deployments"
     __table_args__ = (
@@ -146,3 +157,17 @@ class AuditRecord(Base):
     project: Mapped[str | None] = mapped_column(String(63))
     deployment_id: Mapped[uuid.UUID | None] = mapped_column()
     status_code: Mapped[int] = mapped_column(Integer)
+
+
+class IdempotencyKey(Base):
+    """An `Idempotency-Key` of a deploy request, with a digest of the body it came with."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (Index("ix_idempotency_keys_expires_at", "expires_at"),)
+
+    token_name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_digest: Mapped[str] = mapped_column(String(64))
+    deployment_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

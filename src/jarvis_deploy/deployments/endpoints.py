@@ -2,16 +2,16 @@
 
 import uuid
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 
 from jarvis_deploy.api.deps import EngineDep, SessionDep, SettingsDep
-from jarvis_deploy.api.problems import Problem
+from jarvis_deploy.api.problems import BODY_ERRORS, COMMON_ERRORS, problem_doc
 from jarvis_deploy.auth.audit import note_target
 from jarvis_deploy.auth.deps import DeployPrincipal, ReadPrincipal
 from jarvis_deploy.auth.service import Principal
 from jarvis_deploy.db.models import Deployment, Project
 from jarvis_deploy.compose.render import RenderOptions
-from jarvis_deploy.deployments import logs, service
+from jarvis_deploy.deployments import idempotency, logs, service
 from jarvis_deploy.deployments.schemas import (
     DeploymentDetail,
     DeploymentEventRead,
@@ -23,14 +23,9 @@ from jarvis_deploy.deployments.schemas import (
 )
 from jarvis_deploy.errors import InvalidRequest
 
-router = APIRouter(prefix="/api/jarvis/deployments", tags=["deployments"])
+router = APIRouter(prefix="/api/jarvis/deployments", tags=["deployments"], responses=COMMON_ERRORS)
 
-PROBLEM = {"model": Problem, "content": {"application/problem+json": {}}}
-NOT_FOUND = {**PROBLEM, "description": "No deployment with this id."}
-AUTH_ERRORS = {
-    401: {**PROBLEM, "description": "Missing, unknown or revoked bearer token."},
-    403: {**PROBLEM, "description": "The token lacks the scope or the project."},
-}
+NOT_FOUND = problem_doc("No deployment with this id.")
 
 
 async def _accessible_deployment(session, principal: Principal, deployment_id: uuid.UUID) -> Deployment:
@@ -46,8 +41,9 @@ async def _accessible_deployment(session, principal: Principal, deployment_id: u
     status_code=status.HTTP_202_ACCEPTED,
     response_model=DeploymentRead,
     responses={
-        **AUTH_ERRORS,
-        422: {**PROBLEM, "description": "The request breaks a validation rule; `errors` names each field."},
+        **BODY_ERRORS,
+        409: problem_doc("A request with the same Idempotency-Key is being processed."),
+        503: problem_doc("A dependency is unavailable, or the request has secrets and JARVIS_SECRET_KEY is unset."),
     },
 )
 async def deploy(
@@ -57,19 +53,43 @@ async def deploy(
     session: SessionDep,
     settings: SettingsDep,
     principal: DeployPrincipal,
+    idempotency_key: str | None = Header(
+        None,
+        alias=idempotency.HEADER,
+        description=(
+            "Makes a retry safe: the same key with the same body returns the original deployment "
+            f"(with `{idempotency.REPLAYED_HEADER}: true`); with another body it is rejected (422)."
+        ),
+    ),
 ) -> DeploymentRead:
     """Render and store the Compose spec, queue the deployment, and return it in state `queued`."""
     project = await session.get(Project, body.project_id)
     if project is not None:
         principal.check_project(project.name)
         note_target(request, project=project.name)
-    deployment = await service.create(session, body, RenderOptions.from_settings(settings))
+
+    digest = None
+    if idempotency_key is not None:
+        idempotency.check_key(idempotency_key)
+        digest = idempotency.request_digest(body, settings)
+        replayed = await idempotency.find_replay(session, principal.name, idempotency_key, digest)
+        if replayed is not None:
+            note_target(request, deployment_id=replayed.id)
+            response.headers[idempotency.REPLAYED_HEADER] = "true"
+            response.headers["Location"] = str(request.url_for("get_deployment", deployment_id=replayed.id))
+            return DeploymentRead.model_validate(replayed)
+
+    deployment = await service.create(session, body, RenderOptions.from_settings(settings), settings)
+    if idempotency_key is not None and digest is not None:
+        await idempotency.remember(
+            session, principal.name, idempotency_key, digest, deployment, settings.idempotency_key_ttl
+        )
     note_target(request, deployment_id=deployment.id)
     response.headers["Location"] = str(request.url_for("get_deployment", deployment_id=deployment.id))
     return DeploymentRead.model_validate(deployment)
 
 
-@router.get("", response_model=DeploymentPage, responses={**AUTH_ERRORS, 422: PROBLEM})
+@router.get("", response_model=DeploymentPage)
 async def list_deployments(
     session: SessionDep,
     principal: ReadPrincipal,
@@ -91,7 +111,7 @@ async def list_deployments(
 
 
 @router.get(
-    "/{deployment_id}", response_model=DeploymentDetail, responses={**AUTH_ERRORS, 404: NOT_FOUND, 422: PROBLEM}
+    "/{deployment_id}", response_model=DeploymentDetail, responses={404: NOT_FOUND}
 )
 async def get_deployment(deployment_id: uuid.UUID, session: SessionDep, principal: ReadPrincipal) -> DeploymentDetail:
     """Read a deployment's state, its error if it failed, and its event timeline."""
@@ -106,7 +126,7 @@ async def get_deployment(deployment_id: uuid.UUID, session: SessionDep, principa
     "/{deployment_id}/stop",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=DeploymentRead,
-    responses={**AUTH_ERRORS, 404: NOT_FOUND, 409: {**PROBLEM, "description": "The deployment already ended."}},
+    responses={404: NOT_FOUND, 409: problem_doc("The deployment already ended.")},
 )
 async def stop_deployment(
     deployment_id: uuid.UUID, request: Request, session: SessionDep, principal: DeployPrincipal
@@ -123,7 +143,6 @@ async def stop_deployment(
     response_class=Response,
     responses={
         200: {"content": {"application/yaml": {}}, "description": "The stored Compose YAML."},
-        **AUTH_ERRORS,
         404: NOT_FOUND,
     },
 )
@@ -135,7 +154,7 @@ async def get_compose(deployment_id: uuid.UUID, session: SessionDep, principal: 
 
 
 @router.get(
-    "/{deployment_id}/logs", response_model=DeploymentLogs, responses={**AUTH_ERRORS, 404: NOT_FOUND, 422: PROBLEM}
+    "/{deployment_id}/logs", response_model=DeploymentLogs, responses={404: NOT_FOUND}
 )
 async def get_logs(
     deployment_id: uuid.UUID,

@@ -2,17 +2,17 @@
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import structlog
-from sqlalchemy import func, select, text, update
+from pydantic import SecretStr
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from jarvis_deploy import naming
 from jarvis_deploy.compose.render import load_spec
 from jarvis_deploy.config import Settings
+from jarvis_deploy.db.locks import project_lock
 from jarvis_deploy.db.models import ComposeSpec, Deployment, DeploymentEvent, Project
 from jarvis_deploy.deployments.schemas import DeploymentStatus
 from jarvis_deploy.engine.docker import DockerEngine
@@ -21,6 +21,8 @@ from jarvis_deploy.strategies import get_strategy
 from jarvis_deploy.engine.errors import TranslationError
 from jarvis_deploy.proxy.caddy import CaddyError
 from jarvis_deploy.proxy.routes import TrafficRouter
+from jarvis_deploy.secrets.cipher import SecretError
+from jarvis_deploy.secrets.store import load_spec_secrets, redact
 from jarvis_deploy.strategies.base import (
     DeploymentFailed,
     DeploymentPlan,
@@ -58,31 +60,17 @@ class WorkerContext:
         )
 
 
-@asynccontextmanager
-async def project_lock(db_engine: AsyncEngine, project_id: uuid.UUID) -> AsyncIterator[None]:
-    """Hold a Postgres advisory lock for the project on a connection of its own.
-
-    The lock goes away with the connection, so a worker that dies releases it.
-    """
-    async with db_engine.connect() as connection:
-        key = {"key": str(project_id)}
-        await connection.execute(text("SELECT pg_advisory_lock(hashtextextended(:key, 0))"), key)
-        await connection.commit()
-        try:
-            yield
-        finally:
-            await connection.execute(text("SELECT pg_advisory_unlock(hashtextextended(:key, 0))"), key)
-            await connection.commit()
-
-
 class EventRecorder:
     """Appends events to a deployment's timeline, each in its own committed transaction."""
 
     def __init__(self, sessionmaker: async_sessionmaker[AsyncSession], deployment_id: uuid.UUID) -> None:
         self.sessionmaker = sessionmaker
         self.deployment_id = deployment_id
+        # Values removed from every message, such as container log lines quoted in a failure reason.
+        self.secrets: dict[str, SecretStr] = {}
 
     async def __call__(self, stage: str, message: str, duration_ms: int | None = None) -> None:
+        message = redact(message, self.secrets)
         async with self.sessionmaker() as session:
             session.add(
                 DeploymentEvent(deployment_id=self.deployment_id, stage=stage, message=message, duration_ms=duration_ms)
@@ -153,25 +141,34 @@ async def run_deployment(context: WorkerContext, deployment_id: uuid.UUID) -> st
             version=deployment.version,
             checksum=deployment.checksum,
             document=load_spec(spec.yaml),
+            instance=context.settings.instance_id,
         )
         run = DeploymentRun(
             plan=plan, engine=context.engine, record=record, options=context.run_options(), router=context.router
         )
         heartbeat = asyncio.create_task(_heartbeat(context.sessionmaker, deployment_id))
         try:
+            plan.secrets = await _load_secrets(context, spec.id, plan)
+            record.secrets = plan.secrets
             await get_strategy(deployment.strategy).deploy(run)
         except DeploymentRolledBack as error:
-            await _end(context, run, DeploymentStatus.ROLLED_BACK, f"rolled back: {error}")
-            log.warning("deployment.rolled_back", reason=str(error))
+            reason = redact(str(error), plan.secrets)
+            await _end(context, run, DeploymentStatus.ROLLED_BACK, f"rolled back: {reason}")
+            log.warning("deployment.rolled_back", reason=reason)
             return DeploymentStatus.ROLLED_BACK.value
-        except (DeploymentFailed, EngineError, HealthCheckFailed, CaddyError, TranslationError) as error:
-            await _end(context, run, DeploymentStatus.FAILED, str(error))
-            log.warning("deployment.failed", reason=str(error))
+        except (DeploymentFailed, EngineError, HealthCheckFailed, CaddyError, TranslationError, SecretError) as error:
+            reason = redact(str(error), plan.secrets)
+            await _end(context, run, DeploymentStatus.FAILED, reason)
+            log.warning("deployment.failed", reason=reason)
             return DeploymentStatus.FAILED.value
         except BaseException:
-            # Cancelled (job timeout, shutdown) or an unexpected error: leave nothing of this run behind.
-            reason = "the worker stopped the deployment before it finished"
-            await asyncio.shield(_end(context, run, DeploymentStatus.FAILED, reason))
+            # Cancelled (job timeout, shutdown) or an unexpected error: leave nothing of this run
+            # behind, and put the last good version back in service.
+            from jarvis_deploy.deployments.recovery import abandon  # recovery imports this module
+
+
+            reason = "the worker stopped the deployment before it finished (time limit, shutdown or an internal error)"
+            await asyncio.shield(abandon(context, deployment_id, project.id, project.name, reason))
             raise
         finally:
             heartbeat.cancel()
@@ -180,6 +177,14 @@ async def run_deployment(context: WorkerContext, deployment_id: uuid.UUID) -> st
         await record("succeeded", f"version {deployment.version} is running")
         log.info("deployment.succeeded")
         return DeploymentStatus.SUCCEEDED.value
+
+
+async def _load_secrets(context: WorkerContext, spec_id: uuid.UUID, plan: DeploymentPlan) -> dict[str, SecretStr]:
+    environment = plan.service_spec.get("environment")
+    if not isinstance(environment, dict):
+        environment = {}
+    async with context.sessionmaker() as session:
+        return await load_spec_secrets(session, spec_id, environment, context.settings.secret_key)
 
 
 async def _end(context: WorkerContext, run: DeploymentRun, status: DeploymentStatus, reason: str) -> None:

@@ -6,9 +6,21 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    Strict,
+    StrictStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from jarvis_deploy import references
+from jarvis_deploy.secrets.cipher import PLACEHOLDER_PREFIX, is_placeholder
 
 VOLUME_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 NETWORK_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
@@ -136,6 +148,15 @@ def _check_environment_key(key: str) -> str:
 
 EnvironmentKey = Annotated[str, Field(min_length=1, max_length=1024), AfterValidator(_check_environment_key)]
 EnvironmentValue = Annotated[StrictStr, Field(max_length=MAX_ENVIRONMENT_VALUE)]
+# SecretStr masks the value in repr() and model_dump(mode="json"), so logging the request shows no
+# secret. Its length is checked in `_validate_secrets`, whose message reads better than SecretStr's.
+SecretValue = Annotated[SecretStr, Strict()]
+SECRETS_DESCRIPTION = (
+    "Environment variables whose values are encrypted at rest, never stored in the Compose YAML, "
+    "never returned or logged, and injected into the container when it is created. Same key and value "
+    "rules as `environment`, and a key may not be in both. The stored YAML holds a placeholder "
+    f"`{PLACEHOLDER_PREFIX}<hex>` for each value. Needs JARVIS_SECRET_KEY on the service, otherwise 503."
+)
 
 
 class DeployRequest(BaseModel):
@@ -169,16 +190,28 @@ class DeployRequest(BaseModel):
     )
     domain: list[str] | str | None = Field(
         None,
-        description="Host name(s) routed to the container through Caddy. Wildcards (`*.example.com`) and Unicode names are accepted.",
+        description=(
+            "Host name(s) routed to the container through Caddy, at most 50. Wildcards (`*.example.com`) and "
+            "Unicode names are accepted."
+        ),
         examples=["app.example.com"],
     )
     environment: dict[EnvironmentKey, EnvironmentValue] = Field(
         default_factory=dict,
-        description="Environment variables. Values must be JSON strings and reach the container byte for byte.",
+        description=(
+            f"Environment variables, at most {MAX_ENVIRONMENT_ENTRIES} entries. Names have 1 to 1024 characters; "
+            f"values must be JSON strings of at most {MAX_ENVIRONMENT_VALUE} characters and reach the container "
+            "byte for byte."
+        ),
     )
-    volumes: list[Volume] = Field(default_factory=list, max_length=50)
+    secrets: dict[EnvironmentKey, SecretValue] = Field(default_factory=dict, description=SECRETS_DESCRIPTION)
+    volumes: list[Volume] = Field(
+        default_factory=list, max_length=50, description="Named volumes and bind mounts, at most 50."
+    )
     networks: list[str] = Field(
-        default_factory=list, max_length=20, description="Extra Docker networks to attach the container to."
+        default_factory=list,
+        max_length=20,
+        description="Extra Docker networks to attach the container to, at most 20, each name at most 128 characters.",
     )
     strategy: Strategy = Strategy.RECREATE
     replicas: int = Field(1, ge=1, le=20, description="Number of containers to run.")
@@ -217,6 +250,25 @@ class DeployRequest(BaseModel):
         for key, item in value.items():
             if "\x00" in item:
                 raise ValueError(f"value of {key!r} must not contain NUL")
+            if is_placeholder(item):
+                raise ValueError(
+                    f"value of {key!r} starts with {PLACEHOLDER_PREFIX!r}, which marks secret placeholders; "
+                    "pass it under `secrets` instead"
+                )
+        return value
+
+    @field_validator("secrets")
+    @classmethod
+    def _validate_secrets(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        # Messages name the key only: a secret value must never appear in an error.
+        if len(value) > MAX_ENVIRONMENT_ENTRIES:
+            raise ValueError(f"at most {MAX_ENVIRONMENT_ENTRIES} entries")
+        for key, item in value.items():
+            text = item.get_secret_value()
+            if len(text) > MAX_ENVIRONMENT_VALUE:
+                raise ValueError(f"value of {key!r} is longer than {MAX_ENVIRONMENT_VALUE} characters")
+            if "\x00" in text:
+                raise ValueError(f"value of {key!r} must not contain NUL")
         return value
 
     @field_validator("networks")
@@ -245,6 +297,13 @@ class DeployRequest(BaseModel):
         if value > 1 and not info.data.get("domain"):
             raise ValueError("more than one replica needs a domain, because one host port cannot be published twice")
         return value
+
+    @model_validator(mode="after")
+    def _validate_secret_keys(self) -> "DeployRequest":
+        both = sorted(set(self.environment) & set(self.secrets))
+        if both:
+            raise ValueError(f"{', '.join(repr(key) for key in both)} must be in either environment or secrets, not both")
+        return self
 
     @model_validator(mode="after")
     def _validate_mounts(self) -> "DeployRequest":

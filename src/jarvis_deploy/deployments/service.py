@@ -11,11 +11,13 @@ from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from jarvis_deploy import queue
+from jarvis_deploy import policy, queue
 from jarvis_deploy.compose.render import RenderOptions, render
+from jarvis_deploy.config import Settings
 from jarvis_deploy.db.models import ComposeSpec, Deployment, DeploymentEvent, Project
 from jarvis_deploy.deployments.schemas import DeploymentStatus, DeployRequest
 from jarvis_deploy.errors import Conflict, InvalidRequest, NotFound
+from jarvis_deploy.secrets.store import request_cipher, store_spec_secrets
 
 logger = structlog.get_logger(__name__)
 
@@ -28,14 +30,21 @@ class DeploymentWithEvents:
     events: list[DeploymentEvent]
 
 
-async def create(session: AsyncSession, request: DeployRequest, options: RenderOptions) -> Deployment:
+async def create(
+    session: AsyncSession, request: DeployRequest, options: RenderOptions, settings: Settings
+) -> Deployment:
     """Store the rendered spec and a queued deployment with the project's next version, then queue its job."""
     project = await session.get(Project, request.project_id, with_for_update=True)
     if project is None:
         raise InvalidRequest(f"no project with id {request.project_id}; create it first", field=("body", "project_id"))
+    policy.check_request(request, settings)
 
+    # Checked before rendering, because the placeholders need the key. Without one the request gets 503.
+    cipher = request_cipher(options.secret_key) if request.secrets else None
     rendered = render(request, project.name, options)
     spec = await _store_spec(session, project.id, rendered.checksum, rendered.yaml)
+    if cipher is not None:
+        await store_spec_secrets(session, spec.id, request.secrets, cipher)
 
     # The project row is locked above, so no concurrent request can take the same version.
     latest = await session.scalar(select(func.max(Deployment.version)).where(Deployment.project_id == project.id))

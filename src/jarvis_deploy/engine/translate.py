@@ -5,9 +5,11 @@ TranslationError for anything they cannot express, instead of dropping it.
 """
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from pydantic import SecretStr
 
 from jarvis_deploy import naming
 from jarvis_deploy.compose.render import unescape_document
@@ -132,6 +134,24 @@ def container_config(document: dict[str, Any], service_name: str, labels: dict[s
         "NetworkingConfig": {"EndpointsConfig": {primary.name: endpoint}},
     }
     return ContainerPlan(body=body, networks=further, volumes=volume_names)
+
+
+def inject_secrets(body: dict[str, Any], secrets: Mapping[str, SecretStr]) -> None:
+    """Replace the placeholder value of each secret in the create body's `Env` with the secret's value.
+
+    Raises TranslationError, naming the secrets, when one has no entry in `Env`.
+    """
+    if not secrets:
+        return
+    remaining = dict(secrets)
+    environment = []
+    for entry in body["Env"]:
+        name = entry.partition("=")[0]
+        secret = remaining.pop(name, None)
+        environment.append(entry if secret is None else f"{name}={secret.get_secret_value()}")
+    if remaining:
+        raise TranslationError(f"secrets {', '.join(sorted(remaining))} have no entry in the service's environment")
+    body["Env"] = environment
 
 
 def parse_port(spec: str | int | dict[str, Any]) -> list[PortMapping]:

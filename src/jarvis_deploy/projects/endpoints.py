@@ -5,23 +5,21 @@ import uuid
 from fastapi import APIRouter, Request, status
 
 from jarvis_deploy.api.deps import SessionDep
-from jarvis_deploy.api.problems import Problem
+from jarvis_deploy.api.problems import BODY_ERRORS, COMMON_ERRORS, problem_doc
 from jarvis_deploy.auth.audit import note_target
 from jarvis_deploy.auth.deps import AdminPrincipal, ReadPrincipal
 from jarvis_deploy.projects import service
 from jarvis_deploy.projects.schemas import ProjectCreate, ProjectRead
 
-router = APIRouter(prefix="/api/jarvis/projects", tags=["projects"])
+router = APIRouter(prefix="/api/jarvis/projects", tags=["projects"], responses=COMMON_ERRORS)
 
-PROBLEM = {"model": Problem, "content": {"application/problem+json": {}}}
-AUTH_ERRORS = {401: PROBLEM, 403: PROBLEM}
 
 
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=ProjectRead,
-    responses={**AUTH_ERRORS, 409: {**PROBLEM, "description": "A project with this name exists."}, 422: PROBLEM},
+    responses={**BODY_ERRORS, 409: problem_doc("A project with this name exists.")},
 )
 async def create_project(
     body: ProjectCreate, request: Request, session: SessionDep, principal: AdminPrincipal
@@ -32,14 +30,14 @@ async def create_project(
     return ProjectRead.model_validate(project)
 
 
-@router.get("", response_model=list[ProjectRead], responses=AUTH_ERRORS)
+@router.get("", response_model=list[ProjectRead])
 async def list_projects(session: SessionDep, principal: ReadPrincipal) -> list[ProjectRead]:
     """List the projects the token may touch, by name."""
     projects = await service.list_all(session)
     return [ProjectRead.model_validate(project) for project in projects if principal.may_touch(project.name)]
 
 
-@router.get("/{project_id}", response_model=ProjectRead, responses={**AUTH_ERRORS, 404: PROBLEM, 422: PROBLEM})
+@router.get("/{project_id}", response_model=ProjectRead, responses={404: problem_doc("No project with this id.")})
 async def get_project(project_id: uuid.UUID, session: SessionDep, principal: ReadPrincipal) -> ProjectRead:
     """Read one project."""
     project = await service.get(session, project_id)

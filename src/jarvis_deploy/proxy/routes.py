@@ -8,6 +8,7 @@ from sqlalchemy import delete, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from jarvis_deploy.db.locks import try_project_lock
 from jarvis_deploy.db.models import Project, ProxyRoute
 from jarvis_deploy.proxy.caddy import CaddyClient, CaddyError, RouteNotFound, route_id
 
@@ -95,20 +96,15 @@ async def reapply_routes(db_engine: AsyncEngine, sessionmaker: async_sessionmake
         try:
             if await caddy.get_upstreams(route.route_id) is not None:
                 continue
-            async with db_engine.connect() as connection:
-                key = {"key": str(route.project_id)}
-                locked = await connection.scalar(text("SELECT pg_try_advisory_lock(hashtextextended(:key, 0))"), key)
+            async with try_project_lock(db_engine, route.project_id) as locked:
                 if not locked:
                     continue
-                try:
-                    async with sessionmaker() as session:
-                        fresh = await session.get(ProxyRoute, route.project_id)
-                    if fresh is not None:
-                        await caddy.apply_route(fresh.route_id, list(fresh.hosts), list(fresh.upstreams))
-                        applied += 1
-                        logger.info("route.reapplied", project=project, upstreams=len(fresh.upstreams))
-                finally:
-                    await connection.execute(text("SELECT pg_advisory_unlock(hashtextextended(:key, 0))"), key)
+                async with sessionmaker() as session:
+                    fresh = await session.get(ProxyRoute, route.project_id)
+                if fresh is not None:
+                    await caddy.apply_route(fresh.route_id, list(fresh.hosts), list(fresh.upstreams))
+                    applied += 1
+                    logger.info("route.reapplied", project=project, upstreams=len(fresh.upstreams))
         except CaddyError as error:
             logger.warning("route.reapply_failed", project=project, error=str(error))
     return applied

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
+from pydantic import SecretStr
 
 from jarvis_deploy import naming
 from jarvis_deploy.compose.render import unescape_document
@@ -15,7 +16,13 @@ from jarvis_deploy.deployments.schemas import HealthCheck
 from jarvis_deploy.engine.docker import ContainerInfo, DockerEngine
 from jarvis_deploy.engine.errors import EngineError, HealthCheckFailed
 from jarvis_deploy.engine.health import wait_until_healthy
-from jarvis_deploy.engine.translate import ContainerPlan, NetworkAttachment, compose_labels, container_config
+from jarvis_deploy.engine.translate import (
+    ContainerPlan,
+    NetworkAttachment,
+    compose_labels,
+    container_config,
+    inject_secrets,
+)
 from jarvis_deploy.proxy.routes import TrafficRouter
 
 logger = structlog.get_logger(__name__)
@@ -42,6 +49,9 @@ class DeploymentPlan:
     version: int
     checksum: str
     document: dict[str, Any]
+    instance: str = ""
+    # Decrypted secret values by name. The document contains only their placeholders.
+    secrets: dict[str, SecretStr] = field(default_factory=dict, repr=False)
 
     @property
     def service(self) -> str:
@@ -84,6 +94,7 @@ class DeploymentPlan:
                 naming.LABEL_PROJECT: self.project,
                 naming.LABEL_DEPLOYMENT: str(self.deployment_id),
                 naming.LABEL_VERSION: str(self.version),
+                naming.LABEL_INSTANCE: self.instance,
             }
         )
         if color:
@@ -199,6 +210,7 @@ async def start_replica(run: DeploymentRun, replica: int, color: str | None = No
     plan = run.plan
     name = naming.container_name(plan.project, plan.version, replica)
     container_plan = container_config(plan.document, plan.service, plan.labels(replica, color))
+    inject_secrets(container_plan.body, plan.secrets)
     deferred: list[NetworkAttachment] = []
     if run.routed and run.options.defer_proxy_network:
         container_plan, deferred = _defer_network(container_plan, run.options.proxy_network)

@@ -1,0 +1,146 @@
+"""Crash recovery: a killed worker's deployment is failed and cleaned up; orphans are removed."""
+
+import asyncio
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+
+import aiodocker
+import httpx
+import pytest
+
+from jarvis_deploy.config import Settings
+from jarvis_deploy.db.session import create_engine, create_sessionmaker
+from jarvis_deploy.deployments import recovery
+from jarvis_deploy.deployments.runner import WorkerContext
+from jarvis_deploy.engine.docker import DockerEngine
+from jarvis_deploy.proxy.routes import TrafficRouter
+from tests.conftest import ROOT, api_client, app_image, free_port, wait_for_status
+from tests.integration.test_deploy_flow import HEALTH, containers_of
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("worker")]
+
+
+@pytest.fixture
+async def context(settings: Settings):
+    """The worker's shared clients, built in the test process, without a Caddy client."""
+    db_engine = create_engine(settings.database_url)
+    sessionmaker = create_sessionmaker(db_engine)
+    worker_context = WorkerContext(
+        settings=settings,
+        db_engine=db_engine,
+        sessionmaker=sessionmaker,
+        engine=DockerEngine(settings.docker_url),
+        router=TrafficRouter(sessionmaker, None),
+    )
+    yield worker_context
+    await worker_context.engine.close()
+    await db_engine.dispose()
+
+
+@pytest.fixture
+async def private_queue(service_env, settings, admin_token, tmp_path):
+    """An API and a worker process on a queue of their own, so the test can kill that worker."""
+    from jarvis_deploy.api.app import create_app
+
+    queue = f"jarvis-test-private-{secrets.token_hex(4)}"
+    env = {**os.environ, **service_env, "JARVIS_QUEUE_NAME": queue}
+    log = tmp_path / "private-worker.log"
+    with log.open("wb") as output:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "jarvis_deploy.cli", "worker"], env=env, cwd=ROOT, stdout=output, stderr=output
+        )
+    deadline = time.monotonic() + 30
+    while b"worker.started" not in log.read_bytes():
+        assert worker.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")
+        await asyncio.sleep(0.1)
+
+    app = create_app(settings.model_copy(update={"queue_name": queue}))
+    async with app.router.lifespan_context(app), api_client(app, admin_token) as client:
+        yield client, worker
+    if worker.poll() is None:
+        worker.kill()
+    worker.wait(timeout=10)
+
+
+async def test_killed_worker_deployment_recovered(client, project, docker, context, private_queue):
+    private_client, private_worker = private_queue
+    port = free_port()
+    first = await client.post(
+        "/api/jarvis/deployments/deploy",
+        json={"project_id": project["id"], "image_ref": app_image("v1"), "port": 8080, "host_port": port, "healthcheck": HEALTH},
+    )
+    await wait_for_status(client, first.json()["id"], {"succeeded"})
+
+    # v2 never becomes healthy, so the private worker is still waiting when it is killed.
+    body = {
+        "project_id": project["id"],
+        "image_ref": app_image("v2"),
+        "port": 8080,
+        "host_port": port,
+        "environment": {"START_DELAY": "600"},
+        "healthcheck": {**HEALTH, "retries": 10000},
+    }
+    stuck = (await private_client.post("/api/jarvis/deployments/deploy", json=body)).json()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        names = [c._container["Names"][0] for c in await containers_of(docker, project["name"])]
+        if f"/{project['name']}-v2-1" in names:
+            break
+        await asyncio.sleep(0.2)
+    # A live worker holds the project lock, so its deployment is never taken over, however old its heartbeat.
+    assert await recovery.recover_abandoned(context, heartbeat_timeout=0) == 0
+
+    private_worker.send_signal(signal.SIGKILL)
+    private_worker.wait(timeout=10)
+    assert (await client.get(f"/api/jarvis/deployments/{stuck['id']}")).json()["status"] == "in_progress"
+
+    # The session's own worker may run the same recovery on its schedule first; either way it runs once.
+    recovered = await recovery.recover_abandoned(context, heartbeat_timeout=0)
+    assert recovered <= 1
+
+    after = (await client.get(f"/api/jarvis/deployments/{stuck['id']}")).json()
+    assert after["status"] == "failed"
+    assert "heartbeat" in after["error"]
+    remaining = [c._container for c in await containers_of(docker, project["name"])]
+    assert [c["Labels"]["dev.jarvis-deploy.deployment"] for c in remaining] == [first.json()["id"]]
+    async with httpx.AsyncClient(trust_env=False) as http:
+        response = await http.get(f"http://127.0.0.1:{port}/cgi-bin/version")
+    assert response.text.strip() == "v1"
+
+
+async def test_orphans_removed_foreign_untouched(docker: aiodocker.Docker, context, settings, project):
+    suffix = secrets.token_hex(4)
+    image = app_image("v1")
+    orphan_labels = {
+        "dev.jarvis-deploy.managed": "true",
+        "dev.jarvis-deploy.project": project["name"],
+        "dev.jarvis-deploy.deployment": "0b7c6f0e-3f0c-4c59-9a59-2d8f8e7f4a10",
+        "dev.jarvis-deploy.instance": settings.instance_id,
+    }
+    other_instance = {**orphan_labels, "dev.jarvis-deploy.instance": "another-instance"}
+    foreign = {"dev.jarvis-deploy.test": suffix}
+    created = []
+    try:
+        for name, labels in (("orphan", orphan_labels), ("other", other_instance), ("foreign", foreign)):
+            container = await docker.containers.create(
+                {"Image": image, "Labels": labels}, name=f"jarvis-test-{name}-{suffix}"
+            )
+            created.append(container)
+
+        removed = await recovery.remove_orphans(context)
+
+        assert removed >= 1
+        names = {item["Names"][0].lstrip("/") for item in [c._container for c in await docker.containers.list(all=True)]}
+        assert f"jarvis-test-orphan-{suffix}" not in names
+        assert f"jarvis-test-other-{suffix}" in names
+        assert f"jarvis-test-foreign-{suffix}" in names
+    finally:
+        for container in created:
+            try:
+                await container.delete(force=True)
+            except aiodocker.DockerError:
+                pass
