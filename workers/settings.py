@@ -9,13 +9,10 @@ from arq.cron import cron
 
 from jarvis_deploy import queue
 from jarvis_deploy.config import get_settings
-from jarvis_deploy.db.session import create_engine, create_sessionmaker
 from jarvis_deploy.deployments import reconcile, recovery, tasks
 from jarvis_deploy.deployments.runner import WorkerContext
-from jarvis_deploy.engine.docker import DockerEngine
 from jarvis_deploy.logging_config import configure_logging
-from jarvis_deploy.proxy.caddy import CaddyClient
-from jarvis_deploy.proxy.routes import TrafficRouter, reapply_routes
+from jarvis_deploy.proxy.routes import reapply_routes
 from jarvis_deploy.secrets.store import ensure_secret_key
 
 logger = structlog.get_logger(__name__)
@@ -25,25 +22,13 @@ settings = get_settings()
 
 async def startup(ctx: dict[str, Any]) -> None:
     configure_logging(settings.log_level, settings.log_json)
-    db_engine = create_engine(settings.database_url)
-    sessionmaker = create_sessionmaker(db_engine)
-    # Refuses to start when stored secrets exist that JARVIS_SECRET_KEY cannot decrypt.
-    await ensure_secret_key(sessionmaker, settings.secret_key, "worker")
-    caddy = (
-        CaddyClient(settings.caddy_admin_url, settings.caddy_server, settings.caddy_listen)
-        if settings.caddy_admin_url
-        else None
-    )
-    context = WorkerContext(
-        settings=settings,
-        db_engine=db_engine,
-        sessionmaker=sessionmaker,
-        engine=DockerEngine(settings.docker_url),
-        router=TrafficRouter(sessionmaker, caddy),
-    )
+    context = WorkerContext.create(settings)
     ctx["context"] = context
+    # Refuses to start when stored secrets exist that JARVIS_SECRET_KEY cannot decrypt.
+    await ensure_secret_key(context.sessionmaker, settings.secret_key, "worker")
 
-    routes = await reapply_routes(db_engine, sessionmaker, caddy) if caddy else 0
+    caddy = context.router.caddy
+    routes = await reapply_routes(context.db_engine, context.sessionmaker, caddy) if caddy else 0
     counts = await _reconcile(ctx)
     logger.info("worker.started", queue=settings.queue_name, routes_reapplied=routes, **counts)
 
@@ -51,10 +36,7 @@ async def startup(ctx: dict[str, Any]) -> None:
 async def shutdown(ctx: dict[str, Any]) -> None:
     context: WorkerContext | None = ctx.get("context")
     if context is not None:
-        await context.engine.close()
-        if context.router.caddy is not None:
-            await context.router.caddy.close()
-        await context.db_engine.dispose()
+        await context.close()
     logger.info("worker.stopped", queue=settings.queue_name)
 
 

@@ -13,11 +13,8 @@ import httpx
 import pytest
 
 from jarvis_deploy.config import Settings
-from jarvis_deploy.db.session import create_engine, create_sessionmaker
 from jarvis_deploy.deployments import recovery
 from jarvis_deploy.deployments.runner import WorkerContext
-from jarvis_deploy.engine.docker import DockerEngine
-from jarvis_deploy.proxy.routes import TrafficRouter
 from tests.conftest import ROOT, api_client, app_image, free_port, wait_for_status
 from tests.integration.test_deploy_flow import HEALTH, containers_of
 
@@ -27,18 +24,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("worker")]
 @pytest.fixture
 async def context(settings: Settings):
     """The worker's shared clients, built in the test process, without a Caddy client."""
-    db_engine = create_engine(settings.database_url)
-    sessionmaker = create_sessionmaker(db_engine)
-    worker_context = WorkerContext(
-        settings=settings,
-        db_engine=db_engine,
-        sessionmaker=sessionmaker,
-        engine=DockerEngine(settings.docker_url),
-        router=TrafficRouter(sessionmaker, None),
-    )
+    worker_context = WorkerContext.create(settings, with_caddy=False)
     yield worker_context
-    await worker_context.engine.close()
-    await db_engine.dispose()
+    await worker_context.close()
 
 
 @pytest.fixture

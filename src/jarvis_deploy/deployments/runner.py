@@ -19,7 +19,8 @@ from jarvis_deploy.engine.docker import DockerEngine
 from jarvis_deploy.engine.errors import EngineError, HealthCheckFailed
 from jarvis_deploy.strategies import get_strategy
 from jarvis_deploy.engine.errors import TranslationError
-from jarvis_deploy.proxy.caddy import CaddyError
+from jarvis_deploy.db.session import create_engine, create_sessionmaker
+from jarvis_deploy.proxy.caddy import CaddyClient, CaddyError
 from jarvis_deploy.proxy.routes import TrafficRouter
 from jarvis_deploy.secrets.cipher import SecretError
 from jarvis_deploy.secrets.store import load_spec_secrets, redact
@@ -48,6 +49,22 @@ class WorkerContext:
     sessionmaker: async_sessionmaker[AsyncSession]
     engine: DockerEngine
     router: TrafficRouter
+
+    @classmethod
+    def create(cls, settings: Settings, *, with_caddy: bool = True) -> "WorkerContext":
+        """Build the shared clients; Caddy's only when an admin URL is set and `with_caddy` is true."""
+        db_engine = create_engine(settings.database_url)
+        sessionmaker = create_sessionmaker(db_engine)
+        caddy = None
+        if with_caddy and settings.caddy_admin_url:
+            caddy = CaddyClient(settings.caddy_admin_url, settings.caddy_server, settings.caddy_listen)
+        return cls(settings, db_engine, sessionmaker, DockerEngine(settings.docker_url), TrafficRouter(sessionmaker, caddy))
+
+    async def close(self) -> None:
+        await self.engine.close()
+        if self.router.caddy is not None:
+            await self.router.caddy.close()
+        await self.db_engine.dispose()
 
     def run_options(self) -> RunOptions:
         return RunOptions(
