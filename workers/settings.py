@@ -1,11 +1,13 @@
 """arq worker settings: shared clients are built at start-up, put into the job context, and closed at shut-down."""
 
+import asyncio
 from typing import Any
 
 import structlog
 from arq import func
 from arq.connections import RedisSettings
 from arq.cron import cron
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from jarvis_deploy import queue
 from jarvis_deploy.config import get_settings
@@ -18,14 +20,22 @@ from jarvis_deploy.secrets.store import ensure_secret_key
 logger = structlog.get_logger(__name__)
 
 settings = get_settings()
+DATABASE_RETRY_SECONDS = 2.0
 
 
 async def startup(ctx: dict[str, Any]) -> None:
     configure_logging(settings.log_level, settings.log_json)
     context = WorkerContext.create(settings)
     ctx["context"] = context
-    # Refuses to start when stored secrets exist that JARVIS_SECRET_KEY cannot decrypt.
-    await ensure_secret_key(context.sessionmaker, settings.secret_key, "worker")
+    # Refuses to start when stored secrets exist that JARVIS_SECRET_KEY cannot decrypt. While the
+    # database is unreachable the worker waits for it instead of exiting.
+    while True:
+        try:
+            await ensure_secret_key(context.sessionmaker, settings.secret_key, "worker")
+            break
+        except (OperationalError, InterfaceError, OSError) as error:
+            logger.warning("worker.database_unavailable", error=str(error), retry_in_seconds=DATABASE_RETRY_SECONDS)
+            await asyncio.sleep(DATABASE_RETRY_SECONDS)
 
     caddy = context.router.caddy
     routes = await reapply_routes(context.db_engine, context.sessionmaker, caddy) if caddy else 0

@@ -3,8 +3,10 @@
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import structlog
 from arq.connections import ArqRedis
 from fastapi import FastAPI
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from jarvis_deploy import __version__
 from jarvis_deploy.api import health
@@ -19,6 +21,8 @@ from jarvis_deploy.engine.docker import DockerEngine
 from jarvis_deploy.logging_config import configure_logging
 from jarvis_deploy.projects import endpoints as project_endpoints
 from jarvis_deploy.secrets.store import ensure_secret_key
+
+logger = structlog.get_logger(__name__)
 
 DESCRIPTION = """
 Runs container images on a Docker host. A deployment request names a project, an image and a port,
@@ -45,8 +49,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.redis = redis
         app.state.engine = DockerEngine(settings.docker_url)
         try:
-            # Refuses to start when stored secrets exist that JARVIS_SECRET_KEY cannot decrypt.
-            await ensure_secret_key(app.state.sessionmaker, settings.secret_key, "api")
+            # Refuses to start when stored secrets exist that JARVIS_SECRET_KEY cannot decrypt. With
+            # the database down the check is skipped, so the API still starts and answers 503.
+            try:
+                await ensure_secret_key(app.state.sessionmaker, settings.secret_key, "api")
+            except (OperationalError, InterfaceError, OSError) as error:
+                logger.warning("secrets.key_check_skipped", reason="database unreachable", error=str(error))
             yield
         finally:
             await app.state.engine.close()
