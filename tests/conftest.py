@@ -1,6 +1,7 @@
 """Fixtures for tests against real components: a fresh migrated database, Redis, a worker process, Docker."""
 
 import asyncio
+import contextlib
 import base64
 import hashlib
 import json
@@ -48,6 +49,19 @@ def database_url(run_id: str) -> Iterator[str]:
 
 
 async def _drop_database(name: str) -> None:
+    """Remove the Docker objects of every project of the run (the last safety net), then the database."""
+    projects = await asyncpg.connect(POSTGRES_SERVER.rsplit("/", 1)[0] + f"/{name}")
+    try:
+        names = [row["name"] for row in await projects.fetch("SELECT name FROM projects")]
+    finally:
+        await projects.close()
+    docker = aiodocker.Docker()
+    try:
+        for project in names:
+            await remove_project_objects(docker, project)
+    finally:
+        await docker.close()
+
     connection = await asyncpg.connect(POSTGRES_SERVER)
     try:
         await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -179,7 +193,12 @@ async def remove_project_objects(docker: aiodocker.Docker, project: str) -> None
     """Remove every container, network and volume the service created for a project."""
     label_filter = {"label": [f"dev.jarvis-deploy.project={project}"]}
     for container in await docker.containers.list(all=True, filters=label_filter):
-        await container.delete(force=True)
+        try:
+            await container.delete(force=True)
+        except aiodocker.DockerError as error:
+            # The worker may remove a retired container at the same moment.
+            if error.status not in (404, 409):
+                raise
     for network in await docker.networks.list(filters=label_filter):
         try:
             await (await docker.networks.get(network["Id"])).delete()
@@ -202,7 +221,23 @@ async def project(
     response = await client.post("/api/jarvis/projects", json={"name": name})
     assert response.status_code == 201, response.text
     yield response.json()
+    await settle_project(client, response.json()["id"])
     await remove_project_objects(docker, name)
+
+
+async def settle_project(client: httpx.AsyncClient, project_id: str, timeout: float = 120) -> None:
+    """Cancel the project's queued deployments and wait for running ones to end, so no worker creates
+    Docker objects after the test removed them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = await client.get(f"/api/jarvis/projects/{project_id}/deployments", params={"limit": 500})
+        items = response.json().get("items", [])
+        for item in items:
+            if item["status"] == "queued":
+                await client.post(f"/api/jarvis/deployments/{item['id']}/cancel")
+        if not any(item["status"] in ("queued", "in_progress") for item in items):
+            return
+        await asyncio.sleep(0.2)
 
 
 async def wait_for_status(
@@ -218,6 +253,54 @@ async def wait_for_status(
             return body
         await asyncio.sleep(0.2)
     raise AssertionError(f"deployment {deployment_id} did not reach {statuses}; last state: {body}")
+
+
+async def wait_for_event(client: httpx.AsyncClient, deployment_id: str, stage: str, timeout: float = 30) -> dict:
+    """Poll a deployment until its timeline has an event of `stage` (steps after `succeeded`, say)."""
+    deadline = time.monotonic() + timeout
+    body: dict = {}
+    while time.monotonic() < deadline:
+        body = (await client.get(f"/api/jarvis/deployments/{deployment_id}")).json()
+        if any(event["stage"] == stage for event in body.get("events", [])):
+            return body
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"deployment {deployment_id} has no {stage!r} event; last state: {body}")
+
+
+@contextlib.contextmanager
+def api_process(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """Run `jarvis-deploy api` on a free loopback port with `env`; yields its base URL once /healthz answers."""
+    port = free_port()
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "jarvis_deploy.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
+            env={**os.environ, **env},
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"API exited with {process.returncode}:\n{log_path.read_text(errors='replace')}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"API did not respond within 30 s:\n{log_path.read_text(errors='replace')}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def free_port() -> int:

@@ -16,6 +16,7 @@ from jarvis_deploy.deployments.runner import WorkerContext
 from jarvis_deploy.logging_config import configure_logging
 from jarvis_deploy.proxy.routes import reapply_routes
 from jarvis_deploy.secrets.store import ensure_secret_key
+from jarvis_deploy.webhooks import delivery
 
 logger = structlog.get_logger(__name__)
 
@@ -56,7 +57,9 @@ async def _reconcile(ctx: dict[str, Any]) -> dict[str, int]:
     return {
         "recovered": await recovery.recover_abandoned(context, settings.heartbeat_timeout),
         "orphans_removed": await recovery.remove_orphans(context),
-        "requeued": await reconcile.requeue_lost_jobs(context.sessionmaker, ctx["redis"], settings.queue_name),
+        "requeued": await reconcile.requeue_lost_jobs(
+            context.sessionmaker, ctx["redis"], settings.queue_name, context.db_engine
+        ),
     }
 
 
@@ -80,6 +83,7 @@ class WorkerSettings:
         # keep_result=0 frees the job id at once, so the reconciler can enqueue the same deployment again.
         func(tasks.run_deployment, name=queue.RUN_DEPLOYMENT, keep_result=0, timeout=settings.job_timeout, max_tries=1),
         func(tasks.stop_deployment, name=queue.STOP_DEPLOYMENT, keep_result=0, timeout=300, max_tries=3),
+        func(delivery.deliver_webhook, name=delivery.DELIVER_WEBHOOK, timeout=settings.webhook_timeout + 30, max_tries=settings.webhook_max_tries),
     ]
     cron_jobs = [
         cron(reconcile_state, second={0, 30}, run_at_startup=False, unique=True),

@@ -78,6 +78,13 @@ class Settings(BaseSettings):
         description="Seconds without a heartbeat after which an in-progress deployment whose lock is free counts as abandoned.",
     )
 
+    webhook_max_tries: int = Field(
+        4, ge=1, le=20, description="Attempts to deliver one webhook event, the first included, before it is dropped."
+    )
+    webhook_timeout: float = Field(
+        10.0, gt=0, le=300, description="Seconds one webhook POST may take, connecting included."
+    )
+
     secret_key: SecretStr | None = Field(
         None,
         description=(
@@ -108,6 +115,21 @@ class Settings(BaseSettings):
         ),
     )
     max_body_bytes: int = Field(1024 * 1024, ge=1, description="Largest request body the API reads, in bytes.")
+
+    stream_heartbeat_seconds: float = Field(
+        15.0, gt=0, description="Seconds between two heartbeat comments on an idle Server-Sent Events stream."
+    )
+    stream_max_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="Seconds one stream may stay open before the server ends it. Event streams resume with Last-Event-ID.",
+    )
+    stream_poll_seconds: float = Field(
+        0.25, gt=0, le=10, description="Seconds between two reads of a deployment's events from the database."
+    )
+    stream_queue_lines: int = Field(
+        1000, ge=1, description="Log lines buffered between the Docker Engine and a slow client before reading pauses."
+    )
 
     log_level: str = Field("INFO", description="Log level of the service's own logs.")
     log_json: bool = Field(False, description="Write the service's logs as JSON lines.")

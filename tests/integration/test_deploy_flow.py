@@ -7,7 +7,7 @@ import aiodocker
 import httpx
 import pytest
 
-from tests.conftest import free_port, app_image, wait_for_status
+from tests.conftest import app_image, free_port, wait_for_event, wait_for_status
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("worker")]
 
@@ -124,6 +124,8 @@ async def test_redeploy_supersedes_previous(client, project, docker):
         response = await http.get(f"http://127.0.0.1:{port}/cgi-bin/version")
     assert response.text.strip() == "v2"
     assert (await client.get(f"/api/jarvis/deployments/{first['id']}")).json()["status"] == "superseded"
+    # The old container goes right after the deployment is recorded as succeeded.
+    await wait_for_event(client, second["id"], "removed_old")
     assert len(await containers_of(docker, project["name"])) == 1
 
     listing = await client.get("/api/jarvis/deployments", params={"project_id": project["id"], "limit": 1})

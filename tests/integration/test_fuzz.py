@@ -26,7 +26,7 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import ROOT, _drop_database, create_token, free_port
+from tests.conftest import api_process, ROOT, _drop_database, create_token
 
 pytestmark = pytest.mark.integration
 
@@ -83,42 +83,10 @@ def _remove_queue(redis_url: str, queue_name: str) -> None:
 @pytest.fixture(scope="module")
 def api_url(fuzz_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Base URL of an API process started with `jarvis-deploy api`, stopped at the end."""
-    port = free_port()
     log_path = tmp_path_factory.mktemp("fuzz-api") / "api.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "jarvis_deploy.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
-            env={**os.environ, **fuzz_env},
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_for_health(url, process, log_path)
+    with api_process(fuzz_env, log_path) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        print(f"API log: {log_path}")
-
-
-def _wait_for_health(url: str, process: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"API exited with {process.returncode}:\n{log_path.read_text(errors='replace')}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"API did not respond to /healthz within 30 s:\n{log_path.read_text(errors='replace')}")
+    print(f"API log: {log_path}")
 
 
 def _operation_matchers(schema: dict) -> list[tuple[str, str, re.Pattern[str]]]:

@@ -132,3 +132,76 @@ async def test_orphans_removed_foreign_untouched(docker: aiodocker.Docker, conte
                 await container.delete(force=True)
             except aiodocker.DockerError:
                 pass
+
+
+async def test_lost_queue_entries_are_requeued(service_env, settings, admin_token, client, project, tmp_path):
+    """Deleting the queue's Redis keys, as a Redis restart without persistence does, loses no deployment."""
+    from arq.connections import ArqRedis
+
+    from jarvis_deploy import queue as job_queue
+    from jarvis_deploy.api.app import create_app
+
+    queue_name = f"jarvis-test-flush-{secrets.token_hex(4)}"
+    app = create_app(settings.model_copy(update={"queue_name": queue_name}))
+    body = {
+        "project_id": project["id"],
+        "image_ref": app_image("v1"),
+        "port": 8080,
+        "host_port": free_port(),
+        "healthcheck": HEALTH,
+    }
+    async with app.router.lifespan_context(app), api_client(app, admin_token) as idle:
+        queued = (await idle.post("/api/jarvis/deployments/deploy", json=body)).json()
+
+    redis = ArqRedis.from_url(settings.redis_url)
+    try:
+        job_key = f"arq:job:{job_queue.job_id(job_queue.RUN_DEPLOYMENT, queued['id'])}"
+        assert await redis.exists(job_key)
+        await redis.delete(job_key, queue_name)
+    finally:
+        await redis.aclose()
+
+    env = {**os.environ, **service_env, "JARVIS_QUEUE_NAME": queue_name}
+    log = tmp_path / "flush-worker.log"
+    with log.open("wb") as output:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "jarvis_deploy.cli", "worker"], env=env, cwd=ROOT, stdout=output, stderr=output
+        )
+    try:
+        done = await wait_for_status(client, queued["id"], {"succeeded", "failed"})
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+
+    assert done["status"] == "succeeded", done
+    assert "requeued" in log.read_text(errors="replace")
+
+
+async def test_repeated_deploy_never_shares_volume(client, project, docker):
+    """Two identical recreate deploys in quick succession never run two containers on one named volume."""
+    body = {
+        "project_id": project["id"],
+        "image_ref": app_image("v1"),
+        "port": 8080,
+        "host_port": free_port(),
+        "volumes": [{"source": "data", "target": "/data"}],
+        "healthcheck": HEALTH,
+    }
+    first = (await client.post("/api/jarvis/deployments/deploy", json=body)).json()
+    second = (await client.post("/api/jarvis/deployments/deploy", json=body)).json()
+
+    most_running = 0
+    while True:
+        running = await docker.containers.list(
+            filters={"label": [f"dev.jarvis-deploy.project={project['name']}"], "volume": [f"{project['name']}_data"]}
+        )
+        most_running = max(most_running, len(running))
+        states = [(await client.get(f"/api/jarvis/deployments/{item['id']}")).json()["status"] for item in (first, second)]
+        if all(state not in ("queued", "in_progress") for state in states):
+            break
+        await asyncio.sleep(0.02)
+
+    # Read again: the first state above may predate the second deployment's success.
+    states = [(await client.get(f"/api/jarvis/deployments/{item['id']}")).json()["status"] for item in (first, second)]
+    assert states == ["superseded", "succeeded"]
+    assert most_running == 1

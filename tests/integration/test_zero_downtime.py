@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from tests.conftest import app_image, wait_for_status
+from tests.conftest import app_image, wait_for_event, wait_for_status
 from tests.integration.test_deploy_flow import containers_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("worker")]
@@ -89,8 +89,14 @@ async def deployment_ports(docker, project: str, deployment_id: str) -> set[str]
 
 
 async def route_upstreams(caddy_admin: str, project: str) -> list[str] | None:
+    url = f"{caddy_admin}/id/jarvis-deploy-route-{project}/handle/0/upstreams"
     async with httpx.AsyncClient(trust_env=False) as http:
-        response = await http.get(f"{caddy_admin}/id/jarvis-deploy-route-{project}/handle/0/upstreams")
+        try:
+            response = await http.get(url)
+        except (httpx.ReadError, httpx.RemoteProtocolError, httpx.ConnectError):
+            # Caddy restarts its admin endpoint after every configuration change; ask once more.
+            await asyncio.sleep(0.1)
+            response = await http.get(url)
     if response.status_code != 200:
         return None
     return [upstream["dial"] for upstream in response.json()]
@@ -124,6 +130,7 @@ async def test_blue_green_drops_no_request(client, project, docker, caddy):
     assert len(traffic.results) > 50
     print(f"requests: {len(traffic.results)}, retried after a closed idle connection: {traffic.retried}")
     assert traffic.versions()[-1] == "v2"
+    await wait_for_event(client, accepted["id"], "removed_old")
     assert len(await containers_of(docker, project["name"])) == 1
 
 

@@ -17,10 +17,13 @@ from jarvis_deploy.auth.audit import audit_middleware
 from jarvis_deploy.config import Settings, get_settings
 from jarvis_deploy.db.session import create_engine, create_sessionmaker
 from jarvis_deploy.deployments import endpoints as deployment_endpoints
+from jarvis_deploy.deployments import streams as deployment_streams
+from jarvis_deploy.deployments import plans
 from jarvis_deploy.engine.docker import DockerEngine
 from jarvis_deploy.logging_config import configure_logging
 from jarvis_deploy.projects import endpoints as project_endpoints
 from jarvis_deploy.secrets.store import ensure_secret_key
+from jarvis_deploy.webhooks import endpoints as webhook_endpoints
 
 logger = structlog.get_logger(__name__)
 
@@ -72,8 +75,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.middleware("http")(audit_middleware)
     app.include_router(health.router)
     app.include_router(project_endpoints.router)
+    app.include_router(plans.router)  # before the deployments router, so `/plan` is not read as a deployment id
     app.include_router(deployment_endpoints.router)
+    app.include_router(deployment_streams.router)
     app.include_router(auth_endpoints.router)
+    app.include_router(webhook_endpoints.router)
     return app
 
 

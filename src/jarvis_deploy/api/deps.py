@@ -23,11 +23,12 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         except BaseException:
             await session.rollback()
             raise
-        await session.commit()
-        await _send_pending_jobs(request, session)
+        await commit_and_dispatch(request, session)
 
 
-async def _send_pending_jobs(request: Request, session: AsyncSession) -> None:
+async def commit_and_dispatch(request: Request, session: AsyncSession) -> None:
+    """Commit the request's transaction, then send the jobs it queued; endpoints that wait call it early."""
+    await session.commit()
     jobs = queue.pop_pending(session)
     settings: Settings = request.app.state.settings
     for function, deployment_id in jobs:

@@ -1,31 +1,37 @@
 """HTTP routes under /api/jarvis/deployments."""
 
+import asyncio
+import time
 import uuid
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 
-from jarvis_deploy.api.deps import EngineDep, SessionDep, SettingsDep
+from jarvis_deploy.api.deps import SessionDep, SettingsDep, commit_and_dispatch
 from jarvis_deploy.api.problems import BODY_ERRORS, COMMON_ERRORS, problem_doc
 from jarvis_deploy.auth.audit import note_target
 from jarvis_deploy.auth.deps import DeployPrincipal, ReadPrincipal
 from jarvis_deploy.auth.service import Principal
-from jarvis_deploy.db.models import Deployment, Project
 from jarvis_deploy.compose.render import RenderOptions
-from jarvis_deploy.deployments import idempotency, logs, service
+from jarvis_deploy.db.models import Deployment, Project
+from jarvis_deploy.deployments import idempotency, service
 from jarvis_deploy.deployments.schemas import (
+    FINAL_STATUSES,
     DeploymentDetail,
     DeploymentEventRead,
-    DeploymentLogs,
     DeploymentPage,
     DeploymentRead,
     DeploymentStatus,
     DeployRequest,
 )
-from jarvis_deploy.errors import InvalidRequest
+from jarvis_deploy.webhooks.delivery import notify_final_state
 
 router = APIRouter(prefix="/api/jarvis/deployments", tags=["deployments"], responses=COMMON_ERRORS)
 
 NOT_FOUND = problem_doc("No deployment with this id.")
+WAIT_MAX_SECONDS = 600
+WAIT_POLL_SECONDS = 0.2
+# States in which a deploy request with `wait` stops waiting: every final one, and succeeded.
+FINAL_OR_LIVE = {state.value for state in FINAL_STATUSES} | {DeploymentStatus.SUCCEEDED.value}
 
 
 async def _accessible_deployment(session, principal: Principal, deployment_id: uuid.UUID) -> Deployment:
@@ -61,6 +67,15 @@ async def deploy(
             f"(with `{idempotency.REPLAYED_HEADER}: true`); with another body it is rejected (422)."
         ),
     ),
+    wait: float = Query(
+        0,
+        ge=0,
+        le=WAIT_MAX_SECONDS,
+        description=(
+            "Seconds to wait for a final state before answering: 200 with the final deployment, or 202 "
+            f"with its current state when the time runs out. At most {WAIT_MAX_SECONDS}."
+        ),
+    ),
 ) -> DeploymentRead:
     """Render and store the Compose spec, queue the deployment, and return it in state `queued`."""
     project = await session.get(Project, body.project_id)
@@ -79,14 +94,32 @@ async def deploy(
             response.headers["Location"] = str(request.url_for("get_deployment", deployment_id=replayed.id))
             return DeploymentRead.model_validate(replayed)
 
-    deployment = await service.create(session, body, RenderOptions.from_settings(settings), settings)
+    deployment = await service.create(
+        session, body, RenderOptions.from_settings(settings), settings, requested_by=principal.name
+    )
     if idempotency_key is not None and digest is not None:
         await idempotency.remember(
             session, principal.name, idempotency_key, digest, deployment, settings.idempotency_key_ttl
         )
     note_target(request, deployment_id=deployment.id)
     response.headers["Location"] = str(request.url_for("get_deployment", deployment_id=deployment.id))
+    if wait > 0:
+        await commit_and_dispatch(request, session)
+        deployment = await _wait_for_final_state(session, deployment.id, wait)
+        if deployment.status in FINAL_OR_LIVE:
+            response.status_code = status.HTTP_200_OK
     return DeploymentRead.model_validate(deployment)
+
+
+async def _wait_for_final_state(session, deployment_id: uuid.UUID, seconds: float) -> Deployment:
+    deadline = time.monotonic() + seconds
+    while True:
+        session.expire_all()
+        deployment = await service.get(session, deployment_id)
+        await session.commit()
+        if deployment.status in FINAL_OR_LIVE or time.monotonic() >= deadline:
+            return deployment
+        await asyncio.sleep(min(WAIT_POLL_SECONDS, max(deadline - time.monotonic(), 0)))
 
 
 @router.get("", response_model=DeploymentPage)
@@ -123,6 +156,40 @@ async def get_deployment(deployment_id: uuid.UUID, session: SessionDep, principa
 
 
 @router.post(
+    "/{deployment_id}/rollback",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=DeploymentRead,
+    responses={404: NOT_FOUND, 409: problem_doc("The deployment has no recorded image digest.")},
+)
+async def rollback_deployment(
+    deployment_id: uuid.UUID, request: Request, response: Response, session: SessionDep, principal: DeployPrincipal
+) -> DeploymentRead:
+    """Queue a new deployment that runs this deployment's stored spec with its image pinned by digest."""
+    await _accessible_deployment(session, principal, deployment_id)
+    deployment = await service.rollback(session, deployment_id, requested_by=principal.name)
+    note_target(request, deployment_id=deployment.id)
+    response.headers["Location"] = str(request.url_for("get_deployment", deployment_id=deployment.id))
+    return DeploymentRead.model_validate(deployment)
+
+
+@router.post(
+    "/{deployment_id}/cancel",
+    response_model=DeploymentRead,
+    responses={404: NOT_FOUND, 409: problem_doc("The deployment has started; stop it instead.")},
+)
+async def cancel_deployment(
+    deployment_id: uuid.UUID, request: Request, session: SessionDep, principal: DeployPrincipal
+) -> DeploymentRead:
+    """Cancel a deployment that is still queued."""
+    await _accessible_deployment(session, principal, deployment_id)
+    note_target(request, deployment_id=deployment_id)
+    deployment = await service.cancel(session, deployment_id)
+    await commit_and_dispatch(request, session)
+    await notify_final_state(request.app.state, deployment_id)
+    return DeploymentRead.model_validate(deployment)
+
+
+@router.post(
     "/{deployment_id}/stop",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=DeploymentRead,
@@ -135,6 +202,10 @@ async def stop_deployment(
     found = await _accessible_deployment(session, principal, deployment_id)
     note_target(request, deployment_id=found.id)
     deployment = await service.request_stop(session, deployment_id)
+    if deployment.status == DeploymentStatus.CANCELLED.value:
+        # A queued deployment is cancelled here at once; a running one reaches `stopped` in the worker.
+        await commit_and_dispatch(request, session)
+        await notify_final_state(request.app.state, deployment_id)
     return DeploymentRead.model_validate(deployment)
 
 
@@ -151,23 +222,3 @@ async def get_compose(deployment_id: uuid.UUID, session: SessionDep, principal: 
     await _accessible_deployment(session, principal, deployment_id)
     yaml_text = await service.get_spec_yaml(session, deployment_id)
     return Response(content=yaml_text.encode(), media_type="application/yaml")
-
-
-@router.get(
-    "/{deployment_id}/logs", response_model=DeploymentLogs, responses={404: NOT_FOUND}
-)
-async def get_logs(
-    deployment_id: uuid.UUID,
-    session: SessionDep,
-    principal: ReadPrincipal,
-    engine: EngineDep,
-    settings: SettingsDep,
-    tail: int = Query(100, ge=1, description="Lines per container, counted from the end."),
-) -> DeploymentLogs:
-    """Read the last lines that the deployment's containers wrote, labelled with container and stream."""
-    if tail > settings.logs_max_tail:
-        raise InvalidRequest(f"tail must be at most {settings.logs_max_tail}", field=("query", "tail"))
-
-    deployment = await _accessible_deployment(session, principal, deployment_id)
-    lines = await logs.read_tail(engine, deployment.id, tail)
-    return DeploymentLogs(deployment_id=deployment.id, lines=lines)

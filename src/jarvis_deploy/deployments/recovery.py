@@ -17,6 +17,7 @@ from jarvis_deploy.engine.errors import EngineError, HealthCheckFailed
 from jarvis_deploy.engine.health import wait_until_healthy
 from jarvis_deploy.proxy.caddy import CaddyError
 from jarvis_deploy.strategies.base import DeploymentPlan, DeploymentRun, switch_to
+from jarvis_deploy.webhooks.delivery import notify_final_state
 
 logger = structlog.get_logger(__name__)
 
@@ -76,6 +77,7 @@ async def abandon(
         await session.commit()
     await record("failed", reason)
     logger.warning("deployment.abandoned", deployment_id=str(deployment_id), project=project, reason=reason)
+    await notify_final_state(context, deployment_id)
 
 
 async def restore_last_good(context: WorkerContext, project_id: uuid.UUID, project: str, record: EventRecorder) -> None:

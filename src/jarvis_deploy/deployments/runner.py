@@ -24,6 +24,7 @@ from jarvis_deploy.proxy.caddy import CaddyClient, CaddyError
 from jarvis_deploy.proxy.routes import TrafficRouter
 from jarvis_deploy.secrets.cipher import SecretError
 from jarvis_deploy.secrets.store import load_spec_secrets, redact
+from jarvis_deploy.webhooks.delivery import notify_final_state
 from jarvis_deploy.strategies.base import (
     DeploymentFailed,
     DeploymentPlan,
@@ -128,72 +129,113 @@ async def _load(session: AsyncSession, deployment_id: uuid.UUID) -> tuple[Deploy
 
 
 async def run_deployment(context: WorkerContext, deployment_id: uuid.UUID) -> str:
-    """Run a queued deployment to a final state; returns that state."""
+    """Run a queued deployment to a final state under the project's lock; returns that state.
+
+    Jobs of one project may reach the lock in any order, so the job first runs every older queued
+    deployment of the project, oldest first: deployments run in the order they were accepted.
+    """
+    async with context.sessionmaker() as session:
+        deployment, project, _ = await _load(session, deployment_id)
+
+    async with project_lock(context.db_engine, project.id):
+        await _take_over_abandoned(context, project)
+        while True:
+            async with context.sessionmaker() as session:
+                next_id = await session.scalar(
+                    select(Deployment.id)
+                    .where(
+                        Deployment.project_id == project.id,
+                        Deployment.status == DeploymentStatus.QUEUED.value,
+                        Deployment.version <= deployment.version,
+                    )
+                    .order_by(Deployment.version)
+                    .limit(1)
+                )
+                if next_id is None:
+                    status = await session.scalar(select(Deployment.status).where(Deployment.id == deployment_id))
+                    logger.info("deployment.skipped", deployment_id=str(deployment_id), status=status)
+                    return status
+            outcome = await _run_locked(context, next_id)
+            if next_id == deployment_id:
+                return outcome
+
+
+async def _take_over_abandoned(context: WorkerContext, project: Project) -> None:
+    """Fail and clean up in-progress deployments of the project; the caller holds its lock, so their workers are gone."""
+    from jarvis_deploy.deployments.recovery import abandon  # recovery imports this module
+
+    async with context.sessionmaker() as session:
+        abandoned = list(
+            await session.scalars(
+                select(Deployment.id).where(
+                    Deployment.project_id == project.id, Deployment.status == DeploymentStatus.IN_PROGRESS.value
+                )
+            )
+        )
+    for deployment_id in abandoned:
+        reason = "the worker running this deployment stopped; the next deployment of the project took over"
+        await abandon(context, deployment_id, project.id, project.name, reason)
+
+
+async def _run_locked(context: WorkerContext, deployment_id: uuid.UUID) -> str:
+    """Run one queued deployment; the caller holds the project's lock."""
     async with context.sessionmaker() as session:
         deployment, project, spec = await _load(session, deployment_id)
     log = logger.bind(deployment_id=str(deployment_id), project=project.name, version=deployment.version)
+    record = EventRecorder(context.sessionmaker, deployment_id)
+    await _set_status(
+        context.sessionmaker,
+        deployment_id,
+        DeploymentStatus.IN_PROGRESS,
+        started_at=func.now(),
+        heartbeat_at=func.now(),
+    )
+    await record("in_progress", f"worker started version {deployment.version} with strategy {deployment.strategy}")
+    log.info("deployment.started", strategy=deployment.strategy)
 
-    async with project_lock(context.db_engine, project.id):
-        async with context.sessionmaker() as session:
-            status = DeploymentStatus(await session.scalar(select(Deployment.status).where(Deployment.id == deployment_id)))
-        if status != DeploymentStatus.QUEUED:
-            log.info("deployment.skipped", status=status.value)
-            return status.value
+    plan = DeploymentPlan(
+        deployment_id=deployment_id,
+        project_id=project.id,
+        project=project.name,
+        version=deployment.version,
+        checksum=deployment.checksum,
+        document=load_spec(spec.yaml),
+        instance=context.settings.instance_id,
+    )
+    run = DeploymentRun(
+        plan=plan, engine=context.engine, record=record, options=context.run_options(), router=context.router
+    )
+    heartbeat = asyncio.create_task(_heartbeat(context.sessionmaker, deployment_id))
+    try:
+        plan.secrets = await _load_secrets(context, spec.id, plan)
+        record.secrets = plan.secrets
+        await get_strategy(deployment.strategy).deploy(run)
+    except DeploymentRolledBack as error:
+        reason = redact(str(error), plan.secrets)
+        await _end(context, run, DeploymentStatus.ROLLED_BACK, f"rolled back: {reason}")
+        log.warning("deployment.rolled_back", reason=reason)
+        return DeploymentStatus.ROLLED_BACK.value
+    except (DeploymentFailed, EngineError, HealthCheckFailed, CaddyError, TranslationError, SecretError) as error:
+        reason = redact(str(error), plan.secrets)
+        await _end(context, run, DeploymentStatus.FAILED, reason)
+        log.warning("deployment.failed", reason=reason)
+        return DeploymentStatus.FAILED.value
+    except BaseException:
+        # Cancelled (job timeout, shutdown) or an unexpected error: leave nothing of this run
+        # behind, and put the last good version back in service.
+        from jarvis_deploy.deployments.recovery import abandon  # recovery imports this module
 
-        record = EventRecorder(context.sessionmaker, deployment_id)
-        await _set_status(
-            context.sessionmaker,
-            deployment_id,
-            DeploymentStatus.IN_PROGRESS,
-            started_at=func.now(),
-            heartbeat_at=func.now(),
-        )
-        await record("in_progress", f"worker started version {deployment.version} with strategy {deployment.strategy}")
-        log.info("deployment.started", strategy=deployment.strategy)
+        reason = "the worker stopped the deployment before it finished (time limit, shutdown or an internal error)"
+        await asyncio.shield(abandon(context, deployment_id, project.id, project.name, reason))
+        raise
+    finally:
+        heartbeat.cancel()
 
-        plan = DeploymentPlan(
-            deployment_id=deployment_id,
-            project_id=project.id,
-            project=project.name,
-            version=deployment.version,
-            checksum=deployment.checksum,
-            document=load_spec(spec.yaml),
-            instance=context.settings.instance_id,
-        )
-        run = DeploymentRun(
-            plan=plan, engine=context.engine, record=record, options=context.run_options(), router=context.router
-        )
-        heartbeat = asyncio.create_task(_heartbeat(context.sessionmaker, deployment_id))
-        try:
-            plan.secrets = await _load_secrets(context, spec.id, plan)
-            record.secrets = plan.secrets
-            await get_strategy(deployment.strategy).deploy(run)
-        except DeploymentRolledBack as error:
-            reason = redact(str(error), plan.secrets)
-            await _end(context, run, DeploymentStatus.ROLLED_BACK, f"rolled back: {reason}")
-            log.warning("deployment.rolled_back", reason=reason)
-            return DeploymentStatus.ROLLED_BACK.value
-        except (DeploymentFailed, EngineError, HealthCheckFailed, CaddyError, TranslationError, SecretError) as error:
-            reason = redact(str(error), plan.secrets)
-            await _end(context, run, DeploymentStatus.FAILED, reason)
-            log.warning("deployment.failed", reason=reason)
-            return DeploymentStatus.FAILED.value
-        except BaseException:
-            # Cancelled (job timeout, shutdown) or an unexpected error: leave nothing of this run
-            # behind, and put the last good version back in service.
-            from jarvis_deploy.deployments.recovery import abandon  # recovery imports this module
-
-
-            reason = "the worker stopped the deployment before it finished (time limit, shutdown or an internal error)"
-            await asyncio.shield(abandon(context, deployment_id, project.id, project.name, reason))
-            raise
-        finally:
-            heartbeat.cancel()
-
-        await _succeed(context, deployment_id, project.id)
-        await record("succeeded", f"version {deployment.version} is running")
-        log.info("deployment.succeeded")
-        return DeploymentStatus.SUCCEEDED.value
+    await _succeed(context, deployment_id, project.id, run.image_digest)
+    await record("succeeded", f"version {deployment.version} is running")
+    await _remove_retired(run)
+    log.info("deployment.succeeded")
+    return DeploymentStatus.SUCCEEDED.value
 
 
 async def _load_secrets(context: WorkerContext, spec_id: uuid.UUID, plan: DeploymentPlan) -> dict[str, SecretStr]:
@@ -211,10 +253,31 @@ async def _end(context: WorkerContext, run: DeploymentRun, status: DeploymentSta
     except EngineError as error:
         logger.warning("deployment.cleanup_failed", deployment_id=str(run.plan.deployment_id), error=str(error))
     await run.record(status.value, reason, None)
-    await _set_status(context.sessionmaker, run.plan.deployment_id, status, error=reason, finished_at=func.now())
+    await _set_status(
+        context.sessionmaker,
+        run.plan.deployment_id,
+        status,
+        error=reason,
+        finished_at=func.now(),
+        image_digest=run.image_digest,
+    )
+    await notify_final_state(context, run.plan.deployment_id)
 
 
-async def _succeed(context: WorkerContext, deployment_id: uuid.UUID, project_id: uuid.UUID) -> None:
+async def _remove_retired(run: DeploymentRun) -> None:
+    """Remove the earlier versions' containers; one left behind by a failure here is an orphan for recovery."""
+    try:
+        await remove_containers(run, [container.id for container in run.retired])
+    except EngineError as error:
+        logger.warning("deployment.retire_failed", deployment_id=str(run.plan.deployment_id), error=str(error))
+        return
+    if run.retired:
+        await run.record("removed_old", f"removed {len(run.retired)} container(s) of earlier versions", None)
+
+
+async def _succeed(
+    context: WorkerContext, deployment_id: uuid.UUID, project_id: uuid.UUID, image_digest: str | None
+) -> None:
     """Mark the deployment succeeded and every earlier live deployment of the project superseded."""
     async with context.sessionmaker() as session:
         await session.execute(
@@ -229,9 +292,12 @@ async def _succeed(context: WorkerContext, deployment_id: uuid.UUID, project_id:
         await session.execute(
             update(Deployment)
             .where(Deployment.id == deployment_id)
-            .values(status=DeploymentStatus.SUCCEEDED.value, finished_at=func.now(), error=None)
+            .values(
+                status=DeploymentStatus.SUCCEEDED.value, finished_at=func.now(), error=None, image_digest=image_digest
+            )
         )
         await session.commit()
+    await notify_final_state(context, deployment_id)
 
 
 async def stop_deployment(context: WorkerContext, deployment_id: uuid.UUID) -> str:
@@ -259,5 +325,6 @@ async def stop_deployment(context: WorkerContext, deployment_id: uuid.UUID) -> s
             await context.engine.remove(container.id)
         await record("stopped", f"stopped and removed {len(containers)} container(s)")
         await _set_status(context.sessionmaker, deployment_id, DeploymentStatus.STOPPED, finished_at=func.now())
+        await notify_final_state(context, deployment_id)
         log.info("deployment.stopped", containers=len(containers))
         return DeploymentStatus.STOPPED.value

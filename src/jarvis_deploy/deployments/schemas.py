@@ -362,6 +362,11 @@ class DeploymentRead(BaseModel):
     image_ref: str
     strategy: Strategy
     checksum: str = Field(..., description="SHA-256 of the stored Compose YAML, hex.")
+    image_digest: str | None = Field(
+        None, description="Registry digest of the image the worker ran (`repository@sha256:...`); set once resolved."
+    )
+    requested_by: str | None = Field(None, description="Name of the token that requested the deployment.")
+    rollback_of: uuid.UUID | None = Field(None, description="The deployment whose spec this rollback runs again.")
     error: str | None = None
     created_at: datetime
     started_at: datetime | None = None

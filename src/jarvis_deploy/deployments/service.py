@@ -1,22 +1,31 @@
-"""Deployments: accept a request, read state and history, and request a stop. Services flush; callers commit."""
+"""Deployments: accept, roll back, cancel and stop them, and read state and history. Services flush; callers commit."""
 
 import base64
 import binascii
+import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
 import structlog
-from sqlalchemy import func, select, tuple_, update
+from sqlalchemy import func, literal, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from jarvis_deploy import policy, queue
-from jarvis_deploy.compose.render import RenderOptions, render
+from jarvis_deploy.compose.render import (
+    RenderedSpec,
+    RenderOptions,
+    dump_spec,
+    escape_interpolation,
+    load_spec,
+    render,
+)
 from jarvis_deploy.config import Settings
-from jarvis_deploy.db.models import ComposeSpec, Deployment, DeploymentEvent, Project
+from jarvis_deploy.db.models import ComposeSpec, Deployment, DeploymentEvent, Project, SpecSecret
 from jarvis_deploy.deployments.schemas import DeploymentStatus, DeployRequest
 from jarvis_deploy.errors import Conflict, InvalidRequest, NotFound
+from jarvis_deploy.secrets.cipher import SecretCipher
 from jarvis_deploy.secrets.store import request_cipher, store_spec_secrets
 
 logger = structlog.get_logger(__name__)
@@ -30,37 +39,78 @@ class DeploymentWithEvents:
     events: list[DeploymentEvent]
 
 
+def check_and_render(
+    request: DeployRequest, project_name: str, options: RenderOptions, settings: Settings
+) -> tuple[RenderedSpec, SecretCipher | None]:
+    """Apply the safety policy and render the request. Return the spec and the cipher for its secrets (None without).
+
+    Stores nothing, so a plan calls it as well as `create`. Raises InvalidRequest on a policy violation,
+    and SecretsNotConfigured (503) when the request has secrets and JARVIS_SECRET_KEY is unset or invalid.
+    """
+    policy.check_request(request, settings)
+    # Checked before rendering, because the placeholders need the key.
+    cipher = request_cipher(options.secret_key) if request.secrets else None
+    return render(request, project_name, options), cipher
+
+
 async def create(
-    session: AsyncSession, request: DeployRequest, options: RenderOptions, settings: Settings
+    session: AsyncSession,
+    request: DeployRequest,
+    options: RenderOptions,
+    settings: Settings,
+    *,
+    requested_by: str | None = None,
 ) -> Deployment:
     """Store the rendered spec and a queued deployment with the project's next version, then queue its job."""
     project = await session.get(Project, request.project_id, with_for_update=True)
     if project is None:
         raise InvalidRequest(f"no project with id {request.project_id}; create it first", field=("body", "project_id"))
-    policy.check_request(request, settings)
-
-    # Checked before rendering, because the placeholders need the key. Without one the request gets 503.
-    cipher = request_cipher(options.secret_key) if request.secrets else None
-    rendered = render(request, project.name, options)
+    rendered, cipher = check_and_render(request, project.name, options, settings)
     spec = await _store_spec(session, project.id, rendered.checksum, rendered.yaml)
     if cipher is not None:
         await store_spec_secrets(session, spec.id, request.secrets, cipher)
 
-    # The project row is locked above, so no concurrent request can take the same version.
+    return await _queue(
+        session,
+        project,
+        spec,
+        image_ref=request.image_ref,
+        strategy=request.strategy.value,
+        requested_by=requested_by,
+    )
+
+
+async def _queue(
+    session: AsyncSession,
+    project: Project,
+    spec: ComposeSpec,
+    *,
+    image_ref: str,
+    strategy: str,
+    requested_by: str | None,
+    rollback_of: uuid.UUID | None = None,
+) -> Deployment:
+    """Insert a queued deployment of `spec` with the project's next version, and queue its job after commit.
+
+    The caller holds the project row's lock, so no concurrent request can take the same version.
+    """
     latest = await session.scalar(select(func.max(Deployment.version)).where(Deployment.project_id == project.id))
     deployment = Deployment(
         id=uuid.uuid4(),
         project_id=project.id,
         spec_id=spec.id,
         version=(latest or 0) + 1,
-        image_ref=request.image_ref,
-        strategy=request.strategy.value,
+        image_ref=image_ref,
+        strategy=strategy,
         status=DeploymentStatus.QUEUED.value,
-        checksum=rendered.checksum,
+        checksum=spec.checksum,
+        requested_by=requested_by,
+        rollback_of=rollback_of,
     )
     session.add(deployment)
     await session.flush()
-    await add_event(session, deployment.id, "queued", f"version {deployment.version} of {project.name} queued")
+    origin = f" (rollback to the spec of {rollback_of})" if rollback_of else ""
+    await add_event(session, deployment.id, "queued", f"version {deployment.version} of {project.name} queued{origin}")
     await session.refresh(deployment)
 
     queue.after_commit(session, queue.RUN_DEPLOYMENT, deployment.id)
@@ -69,7 +119,8 @@ async def create(
         deployment_id=str(deployment.id),
         project=project.name,
         version=deployment.version,
-        checksum=rendered.checksum,
+        checksum=spec.checksum,
+        requested_by=requested_by,
     )
     return deployment
 
@@ -191,4 +242,67 @@ async def request_stop(session: AsyncSession, deployment_id: uuid.UUID) -> Deplo
     await add_event(session, deployment_id, "stop_requested", "stop requested")
     queue.after_commit(session, queue.STOP_DEPLOYMENT, deployment_id)
     logger.info("deployment.stop_requested", deployment_id=str(deployment_id))
+    return deployment
+
+
+async def rollback(session: AsyncSession, source_id: uuid.UUID, *, requested_by: str | None) -> Deployment:
+    """Queue a new deployment that runs the stored spec of `source_id` with its image pinned by digest."""
+    source = await get(session, source_id)
+    project = await session.get(Project, source.project_id, with_for_update=True)
+    assert project is not None
+    if source.image_digest is None:
+        raise Conflict(
+            f"deployment {source_id} has no recorded image digest because it never resolved its image; "
+            "roll back to a deployment that ran",
+            deployment_id=str(source_id),
+        )
+
+    spec = await session.get(ComposeSpec, source.spec_id)
+    assert spec is not None
+    document = load_spec(spec.yaml)
+    document["services"][project.name]["image"] = escape_interpolation(source.image_digest)
+    yaml_text = dump_spec(document)
+    pinned = await _store_spec(session, project.id, hashlib.sha256(yaml_text.encode()).hexdigest(), yaml_text)
+
+    # Secret ciphertexts belong to a spec; the pinned spec has the same placeholders, so it gets the same rows.
+    if pinned.id != spec.id:
+        await session.execute(
+            insert(SpecSecret)
+            .from_select(
+                ["spec_id", "name", "ciphertext"],
+                select(literal(pinned.id), SpecSecret.name, SpecSecret.ciphertext).where(SpecSecret.spec_id == spec.id),
+            )
+            .on_conflict_do_nothing()
+        )
+
+    return await _queue(
+        session,
+        project,
+        pinned,
+        image_ref=source.image_digest,
+        strategy=source.strategy,
+        requested_by=requested_by,
+        rollback_of=source.id,
+    )
+
+
+async def cancel(session: AsyncSession, deployment_id: uuid.UUID) -> Deployment:
+    """Cancel a queued deployment; one that has started cannot be cancelled (use stop)."""
+    deployment = await session.get(Deployment, deployment_id, with_for_update=True)
+    if deployment is None:
+        raise NotFound(f"no deployment with id {deployment_id}")
+    if deployment.status == DeploymentStatus.CANCELLED.value:
+        return deployment
+    if deployment.status != DeploymentStatus.QUEUED.value:
+        raise Conflict(
+            f"deployment {deployment_id} is {deployment.status}; only a queued deployment can be cancelled. "
+            "Stop a running one instead",
+            status=deployment.status,
+        )
+
+    deployment.status = DeploymentStatus.CANCELLED.value
+    deployment.finished_at = func.now()
+    await session.flush()
+    await add_event(session, deployment_id, "cancelled", "cancelled before it started")
+    await session.refresh(deployment)
     return deployment

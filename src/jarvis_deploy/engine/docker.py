@@ -80,6 +80,20 @@ class DockerEngine:
             raise EngineError(f"inspecting image {ref} failed: {error}") from error
         return True
 
+    async def repo_digest(self, ref: str) -> str | None:
+        """Return the image's registry digest reference (`repository@sha256:...`), or None for a local-only image."""
+        async with _engine_errors(f"inspecting image {ref}"):
+            info = await self._docker.images.inspect(ref)
+        digests = info.get("RepoDigests") or []
+        repository = ref.split("@", 1)[0]
+        last_part = repository.rsplit("/", 1)[-1]
+        if ":" in last_part:
+            repository = repository.rsplit(":", 1)[0]
+        for digest in digests:
+            if digest.split("@", 1)[0] == repository:
+                return digest
+        return digests[0] if digests else None
+
     async def pull(self, ref: str) -> str:
         """Pull an image and return its id.
 

@@ -2,12 +2,14 @@
 
 import uuid
 
-from fastapi import APIRouter, Request, status
+from fastapi import APIRouter, Query, Request, status
 
 from jarvis_deploy.api.deps import SessionDep
 from jarvis_deploy.api.problems import BODY_ERRORS, COMMON_ERRORS, problem_doc
 from jarvis_deploy.auth.audit import note_target
 from jarvis_deploy.auth.deps import AdminPrincipal, ReadPrincipal
+from jarvis_deploy.deployments import service as deployment_service
+from jarvis_deploy.deployments.schemas import DeploymentPage, DeploymentRead, DeploymentStatus
 from jarvis_deploy.projects import service
 from jarvis_deploy.projects.schemas import ProjectCreate, ProjectRead
 
@@ -43,3 +45,22 @@ async def get_project(project_id: uuid.UUID, session: SessionDep, principal: Rea
     project = await service.get(session, project_id)
     principal.check_project(project.name)
     return ProjectRead.model_validate(project)
+
+
+@router.get("/{project_id}/deployments", response_model=DeploymentPage, responses={404: problem_doc("No project with this id.")})
+async def list_project_deployments(
+    project_id: uuid.UUID,
+    session: SessionDep,
+    principal: ReadPrincipal,
+    status_filter: DeploymentStatus | None = Query(None, alias="status", description="Only deployments in this state."),
+    limit: int = Query(50, ge=1, le=500, description="Page size."),
+    cursor: str | None = Query(None, max_length=200, description="`next_cursor` of the previous page."),
+) -> DeploymentPage:
+    """Read a project's deployment history, newest first: versions, images and digests, who asked, outcomes."""
+    project = await service.get(session, project_id)
+    principal.check_project(project.name)
+
+    rows, next_cursor = await deployment_service.list_page(
+        session, project_id=project.id, project_names=None, status=status_filter, limit=limit, cursor=cursor
+    )
+    return DeploymentPage(items=[DeploymentRead.model_validate(row) for row in rows], next_cursor=next_cursor)

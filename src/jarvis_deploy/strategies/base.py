@@ -135,6 +135,13 @@ class DeploymentRun:
     options: RunOptions
     router: TrafficRouter | None = None
     created: list[str] = field(default_factory=list)
+    image_digest: str | None = None
+    # Old containers to remove once the deployment is recorded as succeeded. Removing them only then
+    # means a worker that dies before that point leaves the old version for recovery to bring back.
+    retired: list[ContainerInfo] = field(default_factory=list)
+
+    def retire(self, containers: list[ContainerInfo]) -> None:
+        self.retired.extend(containers)
 
     @property
     def routed(self) -> bool:
@@ -164,12 +171,16 @@ async def ensure_image(run: DeploymentRun) -> None:
     image = run.plan.image_ref
     if await run.engine.image_present(image):
         await run.record("pull", f"image {image} is present; not pulled", None)
-        return
+    else:
+        started = time.monotonic()
+        await run.record("pulling", f"pulling {image}", None)
+        await run.engine.pull(image)
+        await run.record("pulled", f"pulled {image}", elapsed_ms(started))
 
-    started = time.monotonic()
-    await run.record("pulling", f"pulling {image}", None)
-    await run.engine.pull(image)
-    await run.record("pulled", f"pulled {image}", elapsed_ms(started))
+    # Tags move and digests do not, so a rollback can ask for exactly this image again.
+    run.image_digest = await run.engine.repo_digest(image)
+    if run.image_digest:
+        await run.record("image", f"image digest {run.image_digest}", None)
 
 
 async def ensure_networks_and_volumes(run: DeploymentRun) -> None:

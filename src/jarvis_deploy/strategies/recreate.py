@@ -9,7 +9,6 @@ from jarvis_deploy.strategies.base import (
     bring_into_service,
     elapsed_ms,
     prepare,
-    remove_containers,
     restore,
     start_replica,
     wait_healthy,
@@ -47,6 +46,4 @@ class RecreateStrategy:
             await restore(run, running_old, str(error), remove_new_first=True)
             raise DeploymentFailed(str(error)) from error
 
-        await remove_containers(run, [container.id for container in old])
-        if old:
-            await run.record("removed_old", f"removed {len(old)} container(s) of earlier versions", None)
+        run.retire(old)

@@ -12,7 +12,7 @@ from jarvis_deploy.strategies.base import (
 
 
 async def watch_and_finish(run: DeploymentRun, new_ids: list[str], old: list[ContainerInfo]) -> None:
-    """Watch the new containers, then remove the old ones; on trouble, send traffic back to the old ones."""
+    """Watch the new containers, then retire the old ones; on trouble, send traffic back to the old ones."""
     seconds = run.options.watch_seconds
     if seconds > 0:
         await run.record("watching", f"watching the new version for {seconds:g}s", None)
@@ -26,6 +26,4 @@ async def watch_and_finish(run: DeploymentRun, new_ids: list[str], old: list[Con
             await restore(run, old, problem)
             raise DeploymentRolledBack(problem)
 
-    await remove_containers(run, [container.id for container in old])
-    if old:
-        await run.record("removed_old", f"removed {len(old)} container(s) of earlier versions", None)
+    run.retire(old)
