@@ -58,15 +58,17 @@ async def recover_abandoned(context: WorkerContext, heartbeat_timeout: float) ->
 async def abandon(
     context: WorkerContext, deployment_id: uuid.UUID, project_id: uuid.UUID, project: str, reason: str
 ) -> None:
-    """Remove a deployment's containers, put the last good version back in service, and mark it failed.
+    """Put the last good version back in service, remove a deployment's containers, and mark it failed.
 
     The caller holds the project's lock.
     """
     record = EventRecorder(context.sessionmaker, deployment_id)
+
+    # The route may point at this deployment's containers, so the last good version takes the
+    # traffic back before they go.
+    await restore_last_good(context, project_id, project, record)
     for container in await context.engine.list_containers({naming.LABEL_DEPLOYMENT: str(deployment_id)}):
         await context.engine.remove(container.id)
-
-    await restore_last_good(context, project_id, project, record)
 
     async with context.sessionmaker() as session:
         await session.execute(
