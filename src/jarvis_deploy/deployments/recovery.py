@@ -13,6 +13,7 @@ from jarvis_deploy.db.locks import try_project_lock
 from jarvis_deploy.db.models import ComposeSpec, Deployment, Project
 from jarvis_deploy.deployments.runner import EventRecorder, WorkerContext
 from jarvis_deploy.deployments.schemas import DeploymentStatus
+from jarvis_deploy.engine.docker import ContainerInfo
 from jarvis_deploy.engine.errors import EngineError, HealthCheckFailed
 from jarvis_deploy.engine.health import wait_until_healthy
 from jarvis_deploy.proxy.caddy import CaddyError
@@ -64,11 +65,17 @@ async def abandon(
     """
     record = EventRecorder(context.sessionmaker, deployment_id)
 
-    # The route may point at this deployment's containers, so the last good version takes the
-    # traffic back before they go.
-    await restore_last_good(context, project_id, project, record)
-    for container in await context.engine.list_containers({naming.LABEL_DEPLOYMENT: str(deployment_id)}):
-        await context.engine.remove(container.id)
+    containers = await context.engine.list_containers({naming.LABEL_DEPLOYMENT: str(deployment_id)})
+    route = await context.router.route_of(project_id)
+    if route is not None and route.deployment_id == deployment_id:
+        # The route points at this deployment's containers: the last good version takes the traffic
+        # back before they go.
+        await restore_last_good(context, project_id, project, record)
+        await _remove(context, containers)
+    else:
+        # Nothing routes to them, and they may hold host ports that the last good version needs.
+        await _remove(context, containers)
+        await restore_last_good(context, project_id, project, record)
 
     async with context.sessionmaker() as session:
         await session.execute(
@@ -80,6 +87,11 @@ async def abandon(
     await record("failed", reason)
     logger.warning("deployment.abandoned", deployment_id=str(deployment_id), project=project, reason=reason)
     await notify_final_state(context, deployment_id)
+
+
+async def _remove(context: WorkerContext, containers: list[ContainerInfo]) -> None:
+    for container in containers:
+        await context.engine.remove(container.id)
 
 
 async def restore_last_good(context: WorkerContext, project_id: uuid.UUID, project: str, record: EventRecorder) -> None:
