@@ -13,6 +13,7 @@ A steady load of GET /cgi-bin/version goes through Caddy to every project's doma
 run. At random moments it injects faults:
 
 - kill: SIGKILL to the worker's process group, then a new worker is started (--kills);
+- stop: SIGTERM to the worker, which hands back what it runs and exits, then a new worker is started (--stops);
 - flush: FLUSHDB on the run's Redis database only, which deletes every arq job and key (--flushes).
 
 The moments, pauses and fault order come from --seed. After the last deployment has reached a final
@@ -40,6 +41,7 @@ import random
 import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -96,6 +98,8 @@ ACTIVE_STATES = {"queued", "in_progress"}
 STATUS_POLL_INTERVAL = 0.5
 VERSION_CHECK_ATTEMPTS = 3
 LISTED_EVENTS = 12
+# A stopped worker gets JARVIS_SHUTDOWN_GRACE_SECONDS, then undoes what it runs; this bounds both.
+STOP_WAIT_SECONDS = 120
 
 
 @dataclass(frozen=True)
@@ -148,9 +152,11 @@ class SoakState:
 # --- faults ------------------------------------------------------------------------------------
 
 
-def plan_faults(rng: random.Random, kills: int, flushes: int, deployments: int, max_delay: float) -> list[Fault]:
+def plan_faults(
+    rng: random.Random, kills: int, flushes: int, deployments: int, max_delay: float, stops: int = 0
+) -> list[Fault]:
     """Spread the faults over the run: each fires a random delay after a random deployment request."""
-    kinds = ["kill"] * kills + ["flush"] * flushes
+    kinds = ["kill"] * kills + ["flush"] * flushes + ["stop"] * stops
     rng.shuffle(kinds)
     # Request numbers 1 .. deployments-1, so every fault waits for at least one request and none for the last one.
     candidates = list(range(1, max(deployments, 2)))
@@ -158,11 +164,11 @@ def plan_faults(rng: random.Random, kills: int, flushes: int, deployments: int, 
     return [Fault(kind, position, rng.uniform(0, max_delay)) for kind, position in zip(kinds, positions)]
 
 
-def rotate_worker_log(services: ServiceProcesses, kill_number: int) -> None:
-    """Keep the killed worker's log as worker-killed-<n>.log, so the next worker starts a new worker.log."""
+def rotate_worker_log(services: ServiceProcesses, kill_number: int, ending: str = "killed") -> None:
+    """Keep the ended worker's log as worker-<ending>-<n>.log, so the next worker starts a new worker.log."""
     current = services.log_path("worker")
     if current.exists():
-        current.rename(services.log_path(f"worker-killed-{kill_number}"))
+        current.rename(services.log_path(f"worker-{ending}-{kill_number}"))
 
 
 async def kill_and_restart_worker(
@@ -179,6 +185,26 @@ async def kill_and_restart_worker(
     await asyncio.to_thread(wait_for_worker, services)
     new_pid = services.processes[-1][1].pid
     return f"killed pid {worker.pid}, new worker pid {new_pid} started in {time.monotonic() - started:.1f} s"
+
+
+async def stop_and_restart_worker(
+    services: ServiceProcesses, environment: dict[str, str], root: Path, stop_number: int
+) -> str:
+    """SIGTERM the worker, wait for it to exit on its own, and start a new one."""
+    worker = next(process for name, process in reversed(services.processes) if name == "worker")
+    sent = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.to_thread(worker.wait, STOP_WAIT_SECONDS)
+        outcome = f"exited with {worker.returncode} {time.monotonic() - sent:.1f} s after SIGTERM"
+    except subprocess.TimeoutExpired:
+        os.killpg(worker.pid, signal.SIGKILL)
+        await asyncio.to_thread(worker.wait)
+        outcome = f"still running {STOP_WAIT_SECONDS} s after SIGTERM, so it got SIGKILL"
+    rotate_worker_log(services, stop_number, "stopped")
+    start_service(services, "worker", ["worker"], environment, root)
+    await asyncio.to_thread(wait_for_worker, services)
+    return f"pid {worker.pid} {outcome}; new worker pid {services.processes[-1][1].pid}"
 
 
 async def flush_redis_database(redis_url: str) -> str:
@@ -199,7 +225,7 @@ async def inject_faults(
     arguments: argparse.Namespace,
     redis_url: str,
 ) -> None:
-    kill_number = 0
+    kill_number = stop_number = 0
     for fault in faults:
         while state.requested < fault.after_requests and not state.submitters_done.is_set():
             state.requests_changed.clear()
@@ -209,6 +235,9 @@ async def inject_faults(
         if fault.kind == "kill":
             kill_number += 1
             fault.detail = await kill_and_restart_worker(services, environment, arguments.service_root, kill_number)
+        elif fault.kind == "stop":
+            stop_number += 1
+            fault.detail = await stop_and_restart_worker(services, environment, arguments.service_root, stop_number)
         else:
             fault.detail = await flush_redis_database(redis_url)
         print(f"{clock(fault.done_at)} fault {fault.kind} after request {fault.after_requests}: {fault.detail}", flush=True)
@@ -484,7 +513,9 @@ async def soak(
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
 
     rng = random.Random(arguments.seed)
-    faults = plan_faults(rng, arguments.kills, arguments.flushes, arguments.deployments, arguments.max_fault_delay)
+    faults = plan_faults(
+        rng, arguments.kills, arguments.flushes, arguments.deployments, arguments.max_fault_delay, arguments.stops
+    )
     state = SoakState()
     headers = {"Authorization": f"Bearer {token}"}
     connection = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:5432/{names.database}")
@@ -618,6 +649,9 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--projects", type=int, default=4, help="projects, each with its own domain (default 4)")
     parser.add_argument("--kills", type=int, default=4, help="times the worker gets SIGKILL and is started again (default 4)")
     parser.add_argument("--flushes", type=int, default=2, help="times the run's Redis database is flushed (default 2)")
+    parser.add_argument(
+        "--stops", type=int, default=2, help="times the worker gets SIGTERM, exits on its own and is started again (default 2)"
+    )
     parser.add_argument("--seed", type=int, default=1, help="seed of the pauses, fault moments and fault order (default 1)")
     parser.add_argument("--redis-db", type=int, default=13, help="Redis database number of the run; must be empty (default 13)")
     parser.add_argument("--rps", type=float, default=100.0, help="requests per second through Caddy, over all projects (default 100)")
@@ -649,7 +683,7 @@ def parse_arguments() -> argparse.Namespace:
     for name in ("deployments", "projects", "clients"):
         if getattr(arguments, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(arguments, name)}")
-    for name in ("kills", "flushes", "settle", "wait_timeout", "watch_seconds", "drain_seconds", "max_fault_delay"):
+    for name in ("kills", "flushes", "stops", "settle", "wait_timeout", "watch_seconds", "drain_seconds", "max_fault_delay"):
         if getattr(arguments, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(arguments, name)}")
     if not 0 <= arguments.min_gap <= arguments.max_gap:
@@ -703,7 +737,7 @@ def main() -> int:
     print(f"Caddy {caddy_version()}: admin {caddy.admin_url}, HTTP 127.0.0.1:{caddy.http_port}")
     print(
         f"{arguments.deployments} blue-green deployments over {arguments.projects} projects ({image_ref('v2')} and :v1), "
-        f"{arguments.kills} worker kills, {arguments.flushes} Redis flushes; load {arguments.rps:g} requests/s over "
+        f"{arguments.kills} worker kills, {arguments.stops} worker stops, {arguments.flushes} Redis flushes; load {arguments.rps:g} requests/s over "
         f"{arguments.clients} keep-alive connection(s) per project, GET {VERSION_PATH}; health check {HEALTH_PATH} "
         f"every {arguments.interval:g} s"
     )

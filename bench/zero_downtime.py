@@ -54,17 +54,17 @@ import aiodocker
 import httpx
 
 from bench.deploy_latency import (
-    add_service_arguments,
-    create_admin_token,
     APP_PORT,
     BASELINE_LABEL,
-    HEALTH_PATH,
     FINAL_STATES,
+    HEALTH_PATH,
     STATUS_POLL_INTERVAL,
     BenchmarkError,
     BenchNames,
     JarvisSample,
     ServiceProcesses,
+    add_service_arguments,
+    create_admin_token,
     create_project,
     delete_queue_keys,
     drop_database,

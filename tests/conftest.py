@@ -1,8 +1,8 @@
 """Fixtures for tests against real components: a fresh migrated database, Redis, a worker process, Docker."""
 
 import asyncio
-import contextlib
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -110,28 +110,61 @@ def worker_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("worker") / "worker.log"
 
 
-@pytest.fixture(scope="session")
-def worker(service_env: dict[str, str], worker_log: Path) -> Iterator[subprocess.Popen]:
-    """A real arq worker process running `jarvis-deploy worker`."""
-    with worker_log.open("wb") as log:
+@pytest.fixture
+async def context(settings: Settings) -> AsyncIterator:
+    """The worker's shared clients, built in the test process, without a Caddy client."""
+    from jarvis_deploy.deployments.runner import WorkerContext
+
+    worker_context = WorkerContext.create(settings, with_caddy=False)
+    yield worker_context
+    await worker_context.close()
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 30) -> None:
+    """Send SIGTERM and wait `timeout` seconds, then SIGKILL; a process that already ended is left alone."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """Start `jarvis-deploy worker` with `env` on top of this process's environment; returns once it reports started.
+
+    The log is appended to, so one file can hold the lines of several workers in turn.
+    """
+    started_before = _started_lines(log_path)
+    with log_path.open("ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "jarvis_deploy.cli", "worker"],
-            env={**os.environ, **service_env},
+            env={**os.environ, **env},
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
     deadline = time.monotonic() + 30
-    while b"worker.started" not in worker_log.read_bytes():
+    while _started_lines(log_path) <= started_before:
         if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"worker did not start:\n{worker_log.read_text(errors='replace')}")
+            process.kill()
+            raise RuntimeError(f"worker did not start:\n{log_path.read_text(errors='replace')[-5000:]}")
         time.sleep(0.1)
+    return process
+
+
+def _started_lines(log_path: Path) -> int:
+    return log_path.read_bytes().count(b"worker.started") if log_path.exists() else 0
+
+
+@pytest.fixture(scope="session")
+def worker(service_env: dict[str, str], worker_log: Path) -> Iterator[subprocess.Popen]:
+    """A real arq worker process running `jarvis-deploy worker`."""
+    process = start_worker(service_env, worker_log)
     yield process
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    stop_process(process)
 
 
 def create_token(service_env: dict[str, str], name: str, scopes: list[str], projects: list[str] = ()) -> str:
@@ -295,12 +328,7 @@ def api_process(env: dict[str, str], log_path: Path) -> Iterator[str]:
             time.sleep(0.2)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=15)
 
 
 def free_port() -> int:

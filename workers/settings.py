@@ -7,10 +7,10 @@ import structlog
 from arq import func
 from arq.connections import RedisSettings
 from arq.cron import cron
-from sqlalchemy.exc import InterfaceError, OperationalError
 
 from jarvis_deploy import queue
 from jarvis_deploy.config import get_settings
+from jarvis_deploy.db.errors import DATABASE_ERRORS, database_unavailable
 from jarvis_deploy.deployments import reconcile, recovery, tasks
 from jarvis_deploy.deployments.runner import WorkerContext
 from jarvis_deploy.logging_config import configure_logging
@@ -22,6 +22,8 @@ logger = structlog.get_logger(__name__)
 
 settings = get_settings()
 DATABASE_RETRY_SECONDS = 2.0
+JOB_TIMEOUT_FACTOR = 10
+HANDBACK_TRIES = 20
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -34,7 +36,9 @@ async def startup(ctx: dict[str, Any]) -> None:
         try:
             await ensure_secret_key(context.sessionmaker, settings.secret_key, "worker")
             break
-        except (OperationalError, InterfaceError, OSError) as error:
+        except DATABASE_ERRORS as error:
+            if not database_unavailable(error):
+                raise
             logger.warning("worker.database_unavailable", error=str(error), retry_in_seconds=DATABASE_RETRY_SECONDS)
             await asyncio.sleep(DATABASE_RETRY_SECONDS)
 
@@ -52,15 +56,28 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 
 async def _reconcile(ctx: dict[str, Any]) -> dict[str, int]:
-    """Recover deployments of dead workers, remove orphaned containers, and enqueue jobs Redis lost."""
+    """Recover deployments of dead workers, remove orphans, restart stopped live containers, and enqueue lost jobs.
+
+    Each step runs even when an earlier one failed (the Docker Engine may be down while Redis
+    is not), and a failed step is logged and tried again in the next round.
+    """
     context: WorkerContext = ctx["context"]
-    return {
-        "recovered": await recovery.recover_abandoned(context, settings.heartbeat_timeout),
-        "orphans_removed": await recovery.remove_orphans(context),
-        "requeued": await reconcile.requeue_lost_jobs(
+    steps = {
+        "recovered": lambda: recovery.recover_abandoned(context, settings.heartbeat_timeout),
+        "orphans_removed": lambda: recovery.remove_orphans(context),
+        "live_restarted": lambda: recovery.restart_stopped_live(context),
+        "networks_and_volumes_removed": lambda: recovery.remove_orphan_networks_and_volumes(context),
+        "requeued": lambda: reconcile.requeue_lost_jobs(
             context.sessionmaker, ctx["redis"], settings.queue_name, context.db_engine
         ),
     }
+    counts = {}
+    for name, step in steps.items():
+        try:
+            counts[name] = await step()
+        except Exception as error:  # noqa: BLE001  (one failed step must not stop the others)
+            logger.warning("reconcile.step_failed", step=name, error=str(error), error_type=type(error).__name__)
+    return counts
 
 
 async def reconcile_state(ctx: dict[str, Any]) -> dict[str, int]:
@@ -81,7 +98,16 @@ async def reapply_proxy_routes(ctx: dict[str, Any]) -> int:
 class WorkerSettings:
     functions = [
         # keep_result=0 frees the job id at once, so the reconciler can enqueue the same deployment again.
-        func(tasks.run_deployment, name=queue.RUN_DEPLOYMENT, keep_result=0, timeout=settings.job_timeout, max_tries=1),
+        # Each deployment has its own time limit (job_timeout) inside the job, and a job may run the
+        # project's older queued deployments first, so the job's own limit is only a backstop. A job
+        # cancelled by a shutdown hands its deployment back and runs again, up to HANDBACK_TRIES times.
+        func(
+            tasks.run_deployment,
+            name=queue.RUN_DEPLOYMENT,
+            keep_result=0,
+            timeout=settings.job_timeout * JOB_TIMEOUT_FACTOR,
+            max_tries=HANDBACK_TRIES,
+        ),
         func(tasks.stop_deployment, name=queue.STOP_DEPLOYMENT, keep_result=0, timeout=300, max_tries=3),
         func(delivery.deliver_webhook, name=delivery.DELIVER_WEBHOOK, timeout=settings.webhook_timeout + 30, max_tries=settings.webhook_max_tries),
     ]
@@ -97,3 +123,5 @@ class WorkerSettings:
     poll_delay = settings.worker_poll_delay
     job_timeout = settings.job_timeout
     handle_signals = True
+    # On SIGTERM: take no new job, give running ones this long, then cancel them (they hand back).
+    job_completion_wait = settings.shutdown_grace_seconds

@@ -68,9 +68,33 @@ class Settings(BaseSettings):
     worker_poll_delay: float = Field(
         0.1, gt=0, description="Seconds between two polls of the queue when it is empty."
     )
-    job_timeout: int = Field(1800, ge=10, description="Seconds one deployment job may run.")
+    job_timeout: int = Field(
+        1800,
+        ge=10,
+        description=(
+            "Seconds one deployment may run; then it fails, its containers are removed and the last good "
+            "version serves again."
+        ),
+    )
+    shutdown_grace_seconds: int = Field(
+        5,
+        ge=0,
+        description=(
+            "On SIGTERM the worker takes no new job and lets running deployments finish for this long; then it "
+            "removes what they started, brings the last good version back and returns them to the queue for "
+            "another worker. Keep it, plus the time that clean-up takes, below your supervisor's stop timeout."
+        ),
+    )
     idempotency_key_ttl: float = Field(
         86400.0, gt=0, description="Seconds an Idempotency-Key of a deploy request is remembered."
+    )
+    retain_deployments: int = Field(
+        100,
+        ge=0,
+        description=(
+            "Deployments per project, newest first, whose spec and events are kept; older finished ones keep "
+            "only their summary row. 0 keeps everything. Live and queued deployments are always kept."
+        ),
     )
     heartbeat_timeout: float = Field(
         30.0,
@@ -132,6 +156,14 @@ class Settings(BaseSettings):
     )
 
     log_level: str = Field("INFO", description="Log level of the service's own logs.")
+    pause_after_stages: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Fault injection for crash tests: after recording an event of one of these stages (for example "
+            '`["switched"]`), the worker holds the deployment there for an hour, so a test can kill it at that '
+            "step. Leave empty in production."
+        ),
+    )
     log_json: bool = Field(False, description="Write the service's logs as JSON lines.")
 
     @property

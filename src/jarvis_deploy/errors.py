@@ -28,6 +28,14 @@ class Conflict(JarvisError):
     type_slug = "conflict"
 
 
+class Gone(JarvisError):
+    """The resource existed, but retention removed it."""
+
+    status_code = 410
+    title = "Gone"
+    type_slug = "gone"
+
+
 class InvalidRequest(JarvisError):
     """A request that passed the schema but breaks a rule that needs the database to check."""
 

@@ -21,7 +21,11 @@ from aiodocker.exceptions import DockerStreamError
 
 from jarvis_deploy import naming
 from jarvis_deploy.deployments.schemas import HealthCheck
-from jarvis_deploy.engine.docker import DockerEngine, parse_docker_timestamp, parse_log_chunks
+from jarvis_deploy.engine.docker import (
+    DockerEngine,
+    parse_docker_timestamp,
+    parse_log_chunks,
+)
 from jarvis_deploy.engine.errors import (
     ContainerNameConflict,
     ContainerNotFound,

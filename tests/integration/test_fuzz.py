@@ -26,7 +26,7 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import api_process, ROOT, _drop_database, create_token
+from tests.conftest import ROOT, _drop_database, api_process, create_token
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.conftest import api_client, app_image, create_token, free_port, wait_for_status
+from tests.conftest import (
+    api_client,
+    app_image,
+    create_token,
+    free_port,
+    wait_for_status,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,7 @@
 """Crash recovery: a killed worker's deployment is failed and cleaned up; orphans are removed."""
 
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -12,21 +13,12 @@ import aiodocker
 import httpx
 import pytest
 
-from jarvis_deploy.config import Settings
 from jarvis_deploy.deployments import recovery
-from jarvis_deploy.deployments.runner import WorkerContext
 from tests.conftest import ROOT, api_client, app_image, free_port, wait_for_status
 from tests.integration.test_deploy_flow import HEALTH, containers_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("worker")]
 
-
-@pytest.fixture
-async def context(settings: Settings):
-    """The worker's shared clients, built in the test process, without a Caddy client."""
-    worker_context = WorkerContext.create(settings, with_caddy=False)
-    yield worker_context
-    await worker_context.close()
 
 
 @pytest.fixture
@@ -205,3 +197,67 @@ async def test_repeated_deploy_never_shares_volume(client, project, docker):
     states = [(await client.get(f"/api/jarvis/deployments/{item['id']}")).json()["status"] for item in (first, second)]
     assert states == ["superseded", "succeeded"]
     assert most_running == 1
+
+
+async def test_orphan_networks_and_volumes_removed(docker: aiodocker.Docker, context, settings, client, project):
+    """Networks of projects with nothing live go, volumes only with their project; other objects stay."""
+    suffix = secrets.token_hex(4)
+    mine = {"dev.jarvis-deploy.managed": "true", "dev.jarvis-deploy.instance": settings.instance_id}
+    gone_project = {**mine, "dev.jarvis-deploy.project": f"gone{suffix}"}
+    stopped_project = {**mine, "dev.jarvis-deploy.project": project["name"]}
+    other_instance = {**gone_project, "dev.jarvis-deploy.instance": "another-instance"}
+    foreign = {"dev.jarvis-deploy.test": suffix}
+    networks = {
+        "gone": gone_project,
+        "stopped": stopped_project,
+        "other": other_instance,
+        "foreign": foreign,
+    }
+    volumes = {"gone": gone_project, "stopped": stopped_project, "other": other_instance, "foreign": foreign}
+    try:
+        for key, labels in networks.items():
+            await docker.networks.create({"Name": f"jarvis-test-{key}-{suffix}", "Labels": labels})
+        for key, labels in volumes.items():
+            await docker.volumes.create({"Name": f"jarvis-test-{key}-{suffix}", "Labels": labels})
+
+        removed = await recovery.remove_orphan_networks_and_volumes(context)
+
+        assert removed >= 3
+        network_names = {item["Name"] for item in await docker.networks.list()}
+        volume_names = {item["Name"] for item in (await docker.volumes.list())["Volumes"]}
+        # The project exists but has no live deployment: its network goes, its volume keeps the data.
+        assert f"jarvis-test-gone-{suffix}" not in network_names
+        assert f"jarvis-test-stopped-{suffix}" not in network_names
+        assert f"jarvis-test-other-{suffix}" in network_names
+        assert f"jarvis-test-foreign-{suffix}" in network_names
+        assert f"jarvis-test-gone-{suffix}" not in volume_names
+        assert f"jarvis-test-stopped-{suffix}" in volume_names
+        assert f"jarvis-test-other-{suffix}" in volume_names
+        assert f"jarvis-test-foreign-{suffix}" in volume_names
+    finally:
+        for key in networks:
+            with contextlib.suppress(aiodocker.DockerError):
+                await (await docker.networks.get(f"jarvis-test-{key}-{suffix}")).delete()
+        for key in volumes:
+            with contextlib.suppress(aiodocker.DockerError):
+                await (await docker.volumes.get(f"jarvis-test-{key}-{suffix}")).delete()
+
+
+async def test_network_of_live_project_kept(docker: aiodocker.Docker, context, client, project):
+    port = free_port()
+    body = {"project_id": project["id"], "image_ref": app_image("v1"), "port": 8080, "host_port": port, "healthcheck": HEALTH}
+    accepted = await client.post("/api/jarvis/deployments/deploy", json=body)
+    assert (await wait_for_status(client, accepted.json()["id"], {"succeeded", "failed"}))["status"] == "succeeded"
+
+    await recovery.remove_orphan_networks_and_volumes(context)
+
+    names = {item["Name"] for item in await docker.networks.list()}
+    assert f"{project['name']}_default" in names
+
+    stopped = await client.post(f"/api/jarvis/deployments/{accepted.json()['id']}/stop")
+    assert stopped.status_code == 202
+    await wait_for_status(client, accepted.json()["id"], {"stopped"})
+    await recovery.remove_orphan_networks_and_volumes(context)
+
+    names = {item["Name"] for item in await docker.networks.list()}
+    assert f"{project['name']}_default" not in names

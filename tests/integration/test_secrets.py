@@ -21,9 +21,21 @@ from jarvis_deploy.compose.render import validate_document
 from jarvis_deploy.config import Settings
 from jarvis_deploy.db.models import ComposeSpec, Project, SpecSecret
 from jarvis_deploy.db.session import create_engine, create_sessionmaker
-from jarvis_deploy.secrets.cipher import PLACEHOLDER_PREFIX, SecretCipher, SecretKeyInvalid
+from jarvis_deploy.secrets.cipher import (
+    PLACEHOLDER_PREFIX,
+    SecretCipher,
+    SecretKeyInvalid,
+)
 from jarvis_deploy.secrets.store import SecretKeyMismatch, check_secret_key
-from tests.conftest import ROOT, _drop_database, api_client, app_image, create_token, free_port, wait_for_status
+from tests.conftest import (
+    ROOT,
+    _drop_database,
+    api_client,
+    app_image,
+    create_token,
+    free_port,
+    wait_for_status,
+)
 from tests.integration.test_deploy_flow import HEALTH, containers_of, deploy
 
 pytestmark = pytest.mark.integration

@@ -18,7 +18,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import api_process, app_image, create_token, free_port, wait_for_status
+from tests.conftest import (
+    api_process,
+    app_image,
+    create_token,
+    free_port,
+    wait_for_status,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("worker")]
 

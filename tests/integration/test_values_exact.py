@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from jarvis_deploy.compose.render import validate_document
-from tests.conftest import free_port, app_image, wait_for_status
+from tests.conftest import app_image, free_port, wait_for_status
 from tests.integration.test_deploy_flow import HEALTH, containers_of, deploy
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("worker")]

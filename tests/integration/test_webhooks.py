@@ -13,7 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import api_client, app_image, create_token, free_port, wait_for_status
+from tests.conftest import (
+    api_client,
+    app_image,
+    create_token,
+    free_port,
+    wait_for_status,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -2,7 +2,11 @@ import re
 
 import pytest
 
-from jarvis_deploy.references import ImageReference, normalize_domain, parse_image_reference
+from jarvis_deploy.references import (
+    ImageReference,
+    normalize_domain,
+    parse_image_reference,
+)
 
 SHA256_HEX = "0123456789abcdef" * 4
 SHA512_HEX = "0123456789abcdef" * 8

@@ -18,7 +18,12 @@ from jarvis_deploy.secrets.cipher import (
     SecretDecryptionFailed,
     SecretKeyInvalid,
 )
-from jarvis_deploy.secrets.store import REDACTED, SecretsNotConfigured, redact, request_cipher
+from jarvis_deploy.secrets.store import (
+    REDACTED,
+    SecretsNotConfigured,
+    redact,
+    request_cipher,
+)
 
 KEY = SecretStr(Fernet.generate_key().decode())
 OTHER_KEY = SecretStr(Fernet.generate_key().decode())

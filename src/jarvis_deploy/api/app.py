@@ -6,7 +6,6 @@ from contextlib import asynccontextmanager
 import structlog
 from arq.connections import ArqRedis
 from fastapi import FastAPI
-from sqlalchemy.exc import InterfaceError, OperationalError
 
 from jarvis_deploy import __version__
 from jarvis_deploy.api import health
@@ -15,10 +14,11 @@ from jarvis_deploy.api.problems import register_problem_handlers
 from jarvis_deploy.auth import endpoints as auth_endpoints
 from jarvis_deploy.auth.audit import audit_middleware
 from jarvis_deploy.config import Settings, get_settings
+from jarvis_deploy.db.errors import DATABASE_ERRORS, database_unavailable
 from jarvis_deploy.db.session import create_engine, create_sessionmaker
 from jarvis_deploy.deployments import endpoints as deployment_endpoints
-from jarvis_deploy.deployments import streams as deployment_streams
 from jarvis_deploy.deployments import plans
+from jarvis_deploy.deployments import streams as deployment_streams
 from jarvis_deploy.engine.docker import DockerEngine
 from jarvis_deploy.logging_config import configure_logging
 from jarvis_deploy.projects import endpoints as project_endpoints
@@ -56,7 +56,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # the database down the check is skipped, so the API still starts and answers 503.
             try:
                 await ensure_secret_key(app.state.sessionmaker, settings.secret_key, "api")
-            except (OperationalError, InterfaceError, OSError) as error:
+            except DATABASE_ERRORS as error:
+                if not database_unavailable(error):
+                    raise
                 logger.warning("secrets.key_check_skipped", reason="database unreachable", error=str(error))
             yield
         finally:

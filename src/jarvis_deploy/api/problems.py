@@ -8,10 +8,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jarvis_deploy.errors import DependencyUnavailable, InvalidRequest, JarvisError, Unauthorized
+from jarvis_deploy.db.errors import database_unavailable
+from jarvis_deploy.errors import (
+    DependencyUnavailable,
+    InvalidRequest,
+    JarvisError,
+    Unauthorized,
+)
 
 logger = structlog.get_logger(__name__)
 
@@ -130,6 +136,8 @@ async def _handle_http(request: Request, exc: StarletteHTTPException) -> JSONRes
 
 
 async def _handle_database(request: Request, exc: Exception) -> JSONResponse:
+    if not database_unavailable(exc):
+        return await _handle_unexpected(request, exc)
     logger.warning("database.unavailable", error_type=type(exc).__name__, path=request.url.path)
     return problem_response(
         503,
@@ -173,8 +181,7 @@ def register_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _handle_validation)
     app.add_exception_handler(JarvisError, _handle_jarvis_error)
     app.add_exception_handler(StarletteHTTPException, _handle_http)
-    app.add_exception_handler(OperationalError, _handle_database)
-    app.add_exception_handler(InterfaceError, _handle_database)
+    app.add_exception_handler(DBAPIError, _handle_database)
     app.add_exception_handler(OSError, _handle_connection)
     app.add_exception_handler(RedisError, _handle_redis)
     app.add_exception_handler(Exception, _handle_unexpected)

@@ -8,7 +8,12 @@ from jarvis_deploy.api.deps import SessionDep
 from jarvis_deploy.api.problems import BODY_ERRORS, COMMON_ERRORS, problem_doc
 from jarvis_deploy.auth import audit, service
 from jarvis_deploy.auth.deps import AdminPrincipal
-from jarvis_deploy.auth.schemas import AuditRecordRead, TokenCreate, TokenCreated, TokenRead
+from jarvis_deploy.auth.schemas import (
+    AuditRecordRead,
+    TokenCreate,
+    TokenCreated,
+    TokenRead,
+)
 
 router = APIRouter(prefix="/api/jarvis", tags=["admin"], responses=COMMON_ERRORS)
 

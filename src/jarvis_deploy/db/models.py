@@ -5,6 +5,7 @@ from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
@@ -13,6 +14,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     func,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -82,7 +84,8 @@ class Deployment(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     project_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
-    spec_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("compose_specs.id", ondelete="RESTRICT"))
+    # NULL once retention removed the spec and the events; the row stays as the summary.
+    spec_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("compose_specs.id", ondelete="RESTRICT"))
     version: Mapped[int] = mapped_column(Integer)
     image_ref: Mapped[str] = mapped_column(String(512))
     strategy: Mapped[str] = mapped_column(String(16))
@@ -97,6 +100,16 @@ class Deployment(Base):
     image_digest: Mapped[str | None] = mapped_column(String(512))
     requested_by: Mapped[str | None] = mapped_column(String(100))
     rollback_of: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("deployments.id", ondelete="SET NULL"))
+    # Run even when nothing changed; without it a request equal to the live deployment is a no-op.
+    force: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Set on a no-op deployment: the earlier deployment whose containers kept running and serve this one.
+    reused_from: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("deployments.id", ondelete="SET NULL"))
+    pruned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    @property
+    def container_owner(self) -> uuid.UUID:
+        """The deployment whose label the containers serving this one carry."""
+        return self.reused_from or self.id
 
 
 class DeploymentEvent(Base):

@@ -28,6 +28,7 @@ from jarvis_deploy.webhooks.delivery import notify_final_state
 router = APIRouter(prefix="/api/jarvis/deployments", tags=["deployments"], responses=COMMON_ERRORS)
 
 NOT_FOUND = problem_doc("No deployment with this id.")
+GONE = problem_doc("Retention removed the deployment's spec; its summary remains in the history.")
 WAIT_MAX_SECONDS = 600
 WAIT_POLL_SECONDS = 0.2
 # States in which a deploy request with `wait` stops waiting: every final one, and succeeded.
@@ -159,7 +160,11 @@ async def get_deployment(deployment_id: uuid.UUID, session: SessionDep, principa
     "/{deployment_id}/rollback",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=DeploymentRead,
-    responses={404: NOT_FOUND, 409: problem_doc("The deployment has no recorded image digest.")},
+    responses={
+        404: NOT_FOUND,
+        409: problem_doc("The deployment has no recorded image digest."),
+        410: GONE,
+    },
 )
 async def rollback_deployment(
     deployment_id: uuid.UUID, request: Request, response: Response, session: SessionDep, principal: DeployPrincipal
@@ -215,6 +220,7 @@ async def stop_deployment(
     responses={
         200: {"content": {"application/yaml": {}}, "description": "The stored Compose YAML."},
         404: NOT_FOUND,
+        410: GONE,
     },
 )
 async def get_compose(deployment_id: uuid.UUID, session: SessionDep, principal: ReadPrincipal) -> Response:

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 
 import structlog
 from sqlalchemy import func, select, text
-from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sse_starlette import ServerSentEvent
 
+from jarvis_deploy.config import Settings
+from jarvis_deploy.db.errors import DATABASE_ERRORS, database_unavailable
 from jarvis_deploy.db.models import Deployment, DeploymentEvent
 from jarvis_deploy.deployments.schemas import DeploymentEventRead, DeploymentStatus
-from jarvis_deploy.config import Settings
 
 logger = structlog.get_logger(__name__)
 
@@ -122,7 +122,9 @@ async def stream_events(
             try:
                 async with sessionmaker() as session:
                     page = await read_page(session, deployment_id, last_id)
-            except (OperationalError, InterfaceError, OSError) as error:
+            except DATABASE_ERRORS as error:
+                if not database_unavailable(error):
+                    raise
                 log.warning("event_stream.database_failed", last_id=last_id, error=str(error))
                 reason = "database failed"
                 return

@@ -13,7 +13,14 @@ import structlog
 from aiodocker.exceptions import DockerError
 from pydantic import BaseModel, Field
 
-from jarvis_deploy.engine.docker import LOG_SEGMENT, ContainerInfo, DockerEngine, LogEntry, LogStream, parse_docker_timestamp
+from jarvis_deploy.engine.docker import (
+    LOG_SEGMENT,
+    ContainerInfo,
+    DockerEngine,
+    LogEntry,
+    LogStream,
+    parse_docker_timestamp,
+)
 from jarvis_deploy.engine.errors import EngineError
 from jarvis_deploy.errors import DependencyUnavailable, InvalidRequest
 from jarvis_deploy.naming import LABEL_DEPLOYMENT

@@ -14,17 +14,17 @@ from jarvis_deploy.compose.render import load_spec
 from jarvis_deploy.config import Settings
 from jarvis_deploy.db.locks import project_lock
 from jarvis_deploy.db.models import ComposeSpec, Deployment, DeploymentEvent, Project
-from jarvis_deploy.deployments.schemas import DeploymentStatus
-from jarvis_deploy.engine.docker import DockerEngine
-from jarvis_deploy.engine.errors import EngineError, HealthCheckFailed
-from jarvis_deploy.strategies import get_strategy
-from jarvis_deploy.engine.errors import TranslationError
 from jarvis_deploy.db.session import create_engine, create_sessionmaker
+from jarvis_deploy.deployments.retention import prune_project
+from jarvis_deploy.deployments.schemas import DeploymentStatus
+from jarvis_deploy.deployments.unchanged import unchanged_from
+from jarvis_deploy.engine.docker import DockerEngine
+from jarvis_deploy.engine.errors import EngineError, HealthCheckFailed, TranslationError
 from jarvis_deploy.proxy.caddy import CaddyClient, CaddyError
 from jarvis_deploy.proxy.routes import TrafficRouter
 from jarvis_deploy.secrets.cipher import SecretError
 from jarvis_deploy.secrets.store import load_spec_secrets, redact
-from jarvis_deploy.webhooks.delivery import notify_final_state
+from jarvis_deploy.strategies import get_strategy
 from jarvis_deploy.strategies.base import (
     DeploymentFailed,
     DeploymentPlan,
@@ -33,10 +33,12 @@ from jarvis_deploy.strategies.base import (
     RunOptions,
     remove_containers,
 )
+from jarvis_deploy.webhooks.delivery import notify_final_state
 
 logger = structlog.get_logger(__name__)
 
 HEARTBEAT_INTERVAL = 5.0
+FAULT_PAUSE_SECONDS = 3600.0
 
 
 class DeploymentNotFound(Exception):
@@ -81,11 +83,18 @@ class WorkerContext:
 class EventRecorder:
     """Appends events to a deployment's timeline, each in its own committed transaction."""
 
-    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession], deployment_id: uuid.UUID) -> None:
+    def __init__(
+        self,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        deployment_id: uuid.UUID,
+        pause_after: frozenset[str] = frozenset(),
+    ) -> None:
         self.sessionmaker = sessionmaker
         self.deployment_id = deployment_id
         # Values removed from every message, such as container log lines quoted in a failure reason.
         self.secrets: dict[str, SecretStr] = {}
+        # Fault injection: stages after which the run pauses, so a crash test can kill the worker there.
+        self.pause_after = pause_after
 
     async def __call__(self, stage: str, message: str, duration_ms: int | None = None) -> None:
         message = redact(message, self.secrets)
@@ -95,6 +104,9 @@ class EventRecorder:
             )
             await session.commit()
         logger.info("deployment.event", deployment_id=str(self.deployment_id), stage=stage, duration_ms=duration_ms)
+        if stage in self.pause_after:
+            logger.warning("deployment.paused_for_fault_injection", deployment_id=str(self.deployment_id), stage=stage)
+            await asyncio.sleep(FAULT_PAUSE_SECONDS)
 
 
 async def _set_status(
@@ -162,7 +174,9 @@ async def run_deployment(context: WorkerContext, deployment_id: uuid.UUID) -> st
 
 async def _take_over_abandoned(context: WorkerContext, project: Project) -> None:
     """Fail and clean up in-progress deployments of the project; the caller holds its lock, so their workers are gone."""
-    from jarvis_deploy.deployments.recovery import abandon  # recovery imports this module
+    from jarvis_deploy.deployments.recovery import (
+        abandon,  # recovery imports this module
+    )
 
     async with context.sessionmaker() as session:
         abandoned = list(
@@ -182,7 +196,7 @@ async def _run_locked(context: WorkerContext, deployment_id: uuid.UUID) -> str:
     async with context.sessionmaker() as session:
         deployment, project, spec = await _load(session, deployment_id)
     log = logger.bind(deployment_id=str(deployment_id), project=project.name, version=deployment.version)
-    record = EventRecorder(context.sessionmaker, deployment_id)
+    record = EventRecorder(context.sessionmaker, deployment_id, frozenset(context.settings.pause_after_stages))
     await _set_status(
         context.sessionmaker,
         deployment_id,
@@ -205,11 +219,20 @@ async def _run_locked(context: WorkerContext, deployment_id: uuid.UUID) -> str:
     run = DeploymentRun(
         plan=plan, engine=context.engine, record=record, options=context.run_options(), router=context.router
     )
+    if not deployment.force:
+        live = await unchanged_from(context.engine, context.router, context.sessionmaker, deployment, plan)
+        if live is not None:
+            await _finish_unchanged(context, deployment, live)
+            log.info("deployment.unchanged", live_deployment_id=str(live.id))
+            return DeploymentStatus.SUCCEEDED.value
+
     heartbeat = asyncio.create_task(_heartbeat(context.sessionmaker, deployment_id))
+    time_limit = asyncio.timeout(context.settings.job_timeout)
     try:
         plan.secrets = await _load_secrets(context, spec.id, plan)
         record.secrets = plan.secrets
-        await get_strategy(deployment.strategy).deploy(run)
+        async with time_limit:
+            await get_strategy(deployment.strategy).deploy(run)
     except DeploymentRolledBack as error:
         reason = redact(str(error), plan.secrets)
         await _end(context, run, DeploymentStatus.ROLLED_BACK, f"rolled back: {reason}")
@@ -220,13 +243,38 @@ async def _run_locked(context: WorkerContext, deployment_id: uuid.UUID) -> str:
         await _end(context, run, DeploymentStatus.FAILED, reason)
         log.warning("deployment.failed", reason=reason)
         return DeploymentStatus.FAILED.value
-    except BaseException:
-        # Cancelled (job timeout, shutdown) or an unexpected error: leave nothing of this run
-        # behind, and put the last good version back in service.
-        from jarvis_deploy.deployments.recovery import abandon  # recovery imports this module
+    except TimeoutError as error:
+        from jarvis_deploy.deployments.recovery import (
+            abandon,  # recovery imports this module
+        )
 
-        reason = "the worker stopped the deployment before it finished (time limit, shutdown or an internal error)"
-        await asyncio.shield(abandon(context, deployment_id, project.id, project.name, reason))
+        if time_limit.expired():
+            reason = (
+                f"the deployment did not finish within its time limit of {context.settings.job_timeout}s "
+                "(JARVIS_JOB_TIMEOUT); its containers were removed"
+            )
+        else:
+            reason = f"the deployment stopped on a time-out: {redact(str(error), plan.secrets) or 'no detail'}"
+        await abandon(context, deployment_id, project.id, project.name, reason)
+        log.warning("deployment.timed_out", reason=reason)
+        return DeploymentStatus.FAILED.value
+    except asyncio.CancelledError:
+        # The worker is shutting down: undo this run, then let the queue run the deployment again
+        # on another worker. The job waits for this clean-up before it ends.
+        from jarvis_deploy.deployments.recovery import (
+            hand_back,  # recovery imports this module
+        )
+
+        await hand_back(context, deployment_id, project.id, project.name)
+        raise
+    except BaseException:
+        # An unexpected error: leave nothing of this run behind, and put the last good version back in service.
+        from jarvis_deploy.deployments.recovery import (
+            abandon,  # recovery imports this module
+        )
+
+        reason = "the deployment stopped on an internal error of the worker; its containers were removed"
+        await abandon(context, deployment_id, project.id, project.name, reason)
         raise
     finally:
         heartbeat.cancel()
@@ -236,6 +284,20 @@ async def _run_locked(context: WorkerContext, deployment_id: uuid.UUID) -> str:
     await _remove_retired(run)
     log.info("deployment.succeeded")
     return DeploymentStatus.SUCCEEDED.value
+
+
+async def _finish_unchanged(context: WorkerContext, deployment: Deployment, live: Deployment) -> None:
+    """End a deployment that would change nothing: the live deployment's containers serve it from now on."""
+    record = EventRecorder(context.sessionmaker, deployment.id)
+    await record(
+        "unchanged",
+        f"nothing changed: version {live.version} already runs this spec ({deployment.checksum[:12]}) and image "
+        f"{live.image_digest}, and its containers are healthy, so they keep serving. Pass force to redeploy anyway",
+    )
+    await _succeed(
+        context, deployment.id, deployment.project_id, live.image_digest, reused_from=live.container_owner
+    )
+    await record("succeeded", f"version {deployment.version} is running on the containers of version {live.version}")
 
 
 async def _load_secrets(context: WorkerContext, spec_id: uuid.UUID, plan: DeploymentPlan) -> dict[str, SecretStr]:
@@ -262,6 +324,7 @@ async def _end(context: WorkerContext, run: DeploymentRun, status: DeploymentSta
         image_digest=run.image_digest,
     )
     await notify_final_state(context, run.plan.deployment_id)
+    await prune(context, run.plan.project_id)
 
 
 async def _remove_retired(run: DeploymentRun) -> None:
@@ -276,7 +339,12 @@ async def _remove_retired(run: DeploymentRun) -> None:
 
 
 async def _succeed(
-    context: WorkerContext, deployment_id: uuid.UUID, project_id: uuid.UUID, image_digest: str | None
+    context: WorkerContext,
+    deployment_id: uuid.UUID,
+    project_id: uuid.UUID,
+    image_digest: str | None,
+    *,
+    reused_from: uuid.UUID | None = None,
 ) -> None:
     """Mark the deployment succeeded and every earlier live deployment of the project superseded."""
     async with context.sessionmaker() as session:
@@ -293,11 +361,24 @@ async def _succeed(
             update(Deployment)
             .where(Deployment.id == deployment_id)
             .values(
-                status=DeploymentStatus.SUCCEEDED.value, finished_at=func.now(), error=None, image_digest=image_digest
+                status=DeploymentStatus.SUCCEEDED.value,
+                finished_at=func.now(),
+                error=None,
+                image_digest=image_digest,
+                reused_from=reused_from,
             )
         )
         await session.commit()
     await notify_final_state(context, deployment_id)
+    await prune(context, project_id)
+
+
+async def prune(context: WorkerContext, project_id: uuid.UUID) -> None:
+    """Apply retention to the project; a failure here is logged and never changes the deployment's outcome."""
+    try:
+        await prune_project(context.sessionmaker, project_id, context.settings.retain_deployments)
+    except Exception as error:  # noqa: BLE001  (retention runs again after the next deployment)
+        logger.warning("retention.failed", project_id=str(project_id), error=str(error))
 
 
 async def stop_deployment(context: WorkerContext, deployment_id: uuid.UUID) -> str:
@@ -314,12 +395,13 @@ async def stop_deployment(context: WorkerContext, deployment_id: uuid.UUID) -> s
             return status.value
 
         record = EventRecorder(context.sessionmaker, deployment_id)
+        owner = deployment.container_owner
         route = await context.router.route_of(project.id)
-        if route is not None and route.deployment_id == deployment_id:
+        if route is not None and route.deployment_id in (deployment_id, owner):
             # Take the route away first, so no request is sent to a container that is stopping.
             await context.router.remove(project.id, project.name)
             await record("route_removed", "route removed from the proxy")
-        containers = await context.engine.list_containers({naming.LABEL_DEPLOYMENT: str(deployment_id)})
+        containers = await context.engine.list_containers({naming.LABEL_DEPLOYMENT: str(owner)})
         for container in containers:
             await context.engine.stop(container.id, context.settings.stop_timeout)
             await context.engine.remove(container.id)

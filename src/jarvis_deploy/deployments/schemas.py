@@ -221,6 +221,14 @@ class DeployRequest(BaseModel):
     healthcheck: HealthCheck | None = Field(
         None, description="External probe; without one a TCP connect to `port` gates the container."
     )
+    force: bool = Field(
+        False,
+        description=(
+            "Run the deployment even when nothing changed. Without it, a request whose spec checksum and image "
+            "digest equal the live deployment's, with that deployment's containers running and healthy, "
+            "succeeds at once and leaves those containers serving."
+        ),
+    )
 
     @field_validator("image_ref")
     @classmethod
@@ -367,6 +375,21 @@ class DeploymentRead(BaseModel):
     )
     requested_by: str | None = Field(None, description="Name of the token that requested the deployment.")
     rollback_of: uuid.UUID | None = Field(None, description="The deployment whose spec this rollback runs again.")
+    force: bool = Field(False, description="Whether the request asked to run even when nothing changed.")
+    reused_from: uuid.UUID | None = Field(
+        None,
+        description=(
+            "Set when the deployment changed nothing: the earlier deployment whose containers kept running "
+            "and serve this one."
+        ),
+    )
+    pruned_at: datetime | None = Field(
+        None,
+        description=(
+            "When retention removed this deployment's spec and events (JARVIS_RETAIN_DEPLOYMENTS); the summary "
+            "stays, and it can no longer be rolled back to."
+        ),
+    )
     error: str | None = None
     created_at: datetime
     started_at: datetime | None = None

@@ -22,9 +22,15 @@ from jarvis_deploy.compose.render import (
     render,
 )
 from jarvis_deploy.config import Settings
-from jarvis_deploy.db.models import ComposeSpec, Deployment, DeploymentEvent, Project, SpecSecret
+from jarvis_deploy.db.models import (
+    ComposeSpec,
+    Deployment,
+    DeploymentEvent,
+    Project,
+    SpecSecret,
+)
 from jarvis_deploy.deployments.schemas import DeploymentStatus, DeployRequest
-from jarvis_deploy.errors import Conflict, InvalidRequest, NotFound
+from jarvis_deploy.errors import Conflict, Gone, InvalidRequest, NotFound
 from jarvis_deploy.secrets.cipher import SecretCipher
 from jarvis_deploy.secrets.store import request_cipher, store_spec_secrets
 
@@ -77,6 +83,7 @@ async def create(
         image_ref=request.image_ref,
         strategy=request.strategy.value,
         requested_by=requested_by,
+        force=request.force,
     )
 
 
@@ -89,6 +96,7 @@ async def _queue(
     strategy: str,
     requested_by: str | None,
     rollback_of: uuid.UUID | None = None,
+    force: bool = False,
 ) -> Deployment:
     """Insert a queued deployment of `spec` with the project's next version, and queue its job after commit.
 
@@ -106,6 +114,7 @@ async def _queue(
         checksum=spec.checksum,
         requested_by=requested_by,
         rollback_of=rollback_of,
+        force=force,
     )
     session.add(deployment)
     await session.flush()
@@ -163,9 +172,20 @@ async def get_with_events(session: AsyncSession, deployment_id: uuid.UUID) -> De
 
 async def get_spec_yaml(session: AsyncSession, deployment_id: uuid.UUID) -> str:
     deployment = await get(session, deployment_id)
-    spec = await session.get(ComposeSpec, deployment.spec_id)
-    assert spec is not None
-    return spec.yaml
+    return (await _retained_spec(session, deployment)).yaml
+
+
+async def _retained_spec(session: AsyncSession, deployment: Deployment) -> ComposeSpec:
+    """Return the deployment's spec; raises Gone when retention removed it."""
+    spec = await session.get(ComposeSpec, deployment.spec_id) if deployment.spec_id else None
+    if spec is None:
+        raise Gone(
+            f"the spec of deployment {deployment.id} (version {deployment.version}) was removed by retention, "
+            "which keeps the specs and events of each project's latest deployments only (JARVIS_RETAIN_DEPLOYMENTS); "
+            "its summary remains in the history",
+            deployment_id=str(deployment.id),
+        )
+    return spec
 
 
 def encode_cursor(deployment: Deployment) -> str:
@@ -257,8 +277,7 @@ async def rollback(session: AsyncSession, source_id: uuid.UUID, *, requested_by:
             deployment_id=str(source_id),
         )
 
-    spec = await session.get(ComposeSpec, source.spec_id)
-    assert spec is not None
+    spec = await _retained_spec(session, source)
     document = load_spec(spec.yaml)
     document["services"][project.name]["image"] = escape_interpolation(source.image_digest)
     yaml_text = dump_spec(document)

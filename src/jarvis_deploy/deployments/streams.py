@@ -9,8 +9,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from jarvis_deploy.api.deps import EngineDep, SessionDep, SettingsDep
 from jarvis_deploy.api.problems import COMMON_ERRORS
-from jarvis_deploy.config import Settings
 from jarvis_deploy.auth.deps import ReadPrincipal
+from jarvis_deploy.config import Settings
 from jarvis_deploy.deployments import event_feed, log_feed, service
 from jarvis_deploy.deployments.endpoints import NOT_FOUND, _accessible_deployment
 from jarvis_deploy.deployments.schemas import DeploymentEventRead
@@ -135,10 +135,10 @@ async def get_logs(
 
     deployment = await _accessible_deployment(session, principal, deployment_id)
     if not follow:
-        lines = await log_feed.read_recent(engine, deployment.id, tail, since_time, timestamps)
+        lines = await log_feed.read_recent(engine, deployment.container_owner, tail, since_time, timestamps)
         return log_feed.DeploymentLogsRead(deployment_id=deployment.id, lines=lines)
 
-    containers = await log_feed.deployment_containers(engine, deployment.id)
+    containers = await log_feed.deployment_containers(engine, deployment.container_owner)
     lines = log_feed.follow_lines(
         settings.docker_url,
         containers,

@@ -15,9 +15,16 @@ import aiodocker
 import aiohttp
 import structlog
 from aiodocker.exceptions import DockerError
+from aiodocker.networks import DockerNetwork
+from aiodocker.volumes import DockerVolume
 
 from jarvis_deploy import naming
-from jarvis_deploy.engine.errors import ContainerNameConflict, ContainerNotFound, EngineError, ImagePullError
+from jarvis_deploy.engine.errors import (
+    ContainerNameConflict,
+    ContainerNotFound,
+    EngineError,
+    ImagePullError,
+)
 from jarvis_deploy.engine.translate import ContainerPlan, NetworkAttachment
 
 log = structlog.get_logger(__name__)
@@ -94,6 +101,33 @@ class DockerEngine:
                 return digest
         return digests[0] if digests else None
 
+    async def registry_digest(self, ref: str) -> str | None:
+        """Ask the image's registry which manifest digest (`sha256:...`) the reference names now, without pulling.
+
+        Returns None when the registry does not respond with a digest (unreachable, unknown image, no credentials),
+        so the caller can fall back on the local image or let the pull report the error.
+        """
+        # NOTE: aiodocker 0.27 has no call for the distribution endpoint, so this uses its private _query_json.
+        try:
+            info = await self._docker._query_json(f"distribution/{ref}/json")
+        except (DockerError, aiohttp.ClientError, asyncio.TimeoutError) as error:
+            log.info("image.registry_unanswered", image=ref, error=str(error))
+            return None
+        digest = (info.get("Descriptor") or {}).get("digest")
+        return digest if isinstance(digest, str) and digest.startswith("sha256:") else None
+
+    async def local_digests(self, ref: str) -> list[str] | None:
+        """Return the manifest digests (`sha256:...`) the local image was pulled by, or None when it is absent."""
+        try:
+            info = await self._docker.images.inspect(ref)
+        except DockerError as error:
+            if error.status == 404:
+                return None
+            raise EngineError(f"inspecting image {ref} failed: {error.message}", status=error.status) from error
+        except aiohttp.ClientError as error:
+            raise EngineError(f"inspecting image {ref} failed: {error}") from error
+        return [digest.split("@", 1)[1] for digest in info.get("RepoDigests") or [] if "@" in digest]
+
     async def pull(self, ref: str) -> str:
         """Pull an image and return its id.
 
@@ -169,6 +203,47 @@ class DockerEngine:
             return None
         oldest = min(matching, key=lambda network: (parse_docker_timestamp(network["Created"]), network["Id"]))
         return oldest["Id"]
+
+    async def list_networks(self, labels: dict[str, str]) -> list[dict[str, Any]]:
+        """List the networks that carry every label given, as the Engine describes them (`Id`, `Name`, `Labels`)."""
+        filters = {"label": [f"{key}={value}" for key, value in labels.items()]}
+        async with _engine_errors("listing networks"):
+            return await self._docker.networks.list(filters=filters)
+
+    async def remove_network(self, network_id: str) -> bool:
+        """Remove a network; returns False when it is gone already or containers still use it."""
+        try:
+            await DockerNetwork(self._docker, network_id).delete()
+        except DockerError as error:
+            if error.status in (403, 404, 409):
+                log.info("network.not_removed", network_id=network_id, reason=error.message)
+                return False
+            raise EngineError(f"removing network {network_id} failed: {error.message}", status=error.status) from error
+        except aiohttp.ClientError as error:
+            raise EngineError(f"removing network {network_id} failed: {error}") from error
+        log.info("network.removed", network_id=network_id)
+        return True
+
+    async def list_volumes(self, labels: dict[str, str]) -> list[dict[str, Any]]:
+        """List the volumes that carry every label given (`Name`, `Labels`)."""
+        filters = {"label": [f"{key}={value}" for key, value in labels.items()]}
+        async with _engine_errors("listing volumes"):
+            response = await self._docker.volumes.list(filters=filters)
+        return response.get("Volumes") or []
+
+    async def remove_volume(self, name: str) -> bool:
+        """Remove a volume and its data; returns False when it is gone already or a container uses it."""
+        try:
+            await DockerVolume(self._docker, name).delete()
+        except DockerError as error:
+            if error.status in (404, 409):
+                log.info("volume.not_removed", volume=name, reason=error.message)
+                return False
+            raise EngineError(f"removing volume {name} failed: {error.message}", status=error.status) from error
+        except aiohttp.ClientError as error:
+            raise EngineError(f"removing volume {name} failed: {error}") from error
+        log.info("volume.removed", volume=name)
+        return True
 
     async def ensure_volume(self, name: str, labels: dict[str, str]) -> str:
         """Create the volume unless it exists, and return its name.

@@ -9,7 +9,11 @@ from jarvis_deploy.api.problems import BODY_ERRORS, COMMON_ERRORS, problem_doc
 from jarvis_deploy.auth.audit import note_target
 from jarvis_deploy.auth.deps import AdminPrincipal, ReadPrincipal
 from jarvis_deploy.deployments import service as deployment_service
-from jarvis_deploy.deployments.schemas import DeploymentPage, DeploymentRead, DeploymentStatus
+from jarvis_deploy.deployments.schemas import (
+    DeploymentPage,
+    DeploymentRead,
+    DeploymentStatus,
+)
 from jarvis_deploy.projects import service
 from jarvis_deploy.projects.schemas import ProjectCreate, ProjectRead
 

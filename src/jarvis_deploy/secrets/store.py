@@ -11,7 +11,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from jarvis_deploy.db.models import SpecSecret
 from jarvis_deploy.errors import JarvisError
-from jarvis_deploy.secrets.cipher import GENERATE_KEY_HINT, SecretCipher, SecretError, SecretKeyInvalid, is_placeholder
+from jarvis_deploy.secrets.cipher import (
+    GENERATE_KEY_HINT,
+    SecretCipher,
+    SecretError,
+    SecretKeyInvalid,
+    is_placeholder,
+)
 
 logger = structlog.get_logger(__name__)
 

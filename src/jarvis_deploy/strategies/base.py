@@ -167,10 +167,17 @@ def elapsed_ms(started: float) -> int:
 
 
 async def ensure_image(run: DeploymentRun) -> None:
-    """Pull the image unless the engine has it already."""
+    """Pull the image unless the engine has the manifest the registry names for it now.
+
+    A tag may have moved since the engine pulled it, so a present image is only reused when its
+    digest matches the registry's, or when the registry cannot be asked.
+    """
     image = run.plan.image_ref
-    if await run.engine.image_present(image):
-        await run.record("pull", f"image {image} is present; not pulled", None)
+    wanted = await run.engine.registry_digest(image)
+    local = await run.engine.local_digests(image)
+    if local is not None and (wanted is None or wanted in local):
+        source = "matches the registry" if wanted else "the registry did not answer, so the local image is used"
+        await run.record("pull", f"image {image} is present and {source}; not pulled", None)
     else:
         started = time.monotonic()
         await run.record("pulling", f"pulling {image}", None)
@@ -186,7 +193,7 @@ async def ensure_image(run: DeploymentRun) -> None:
 async def ensure_networks_and_volumes(run: DeploymentRun) -> None:
     """Create the document's networks and volumes; shared (external) networks get no project label."""
     managed = {naming.LABEL_MANAGED: "true"}
-    project_labels = {**managed, naming.LABEL_PROJECT: run.plan.project}
+    project_labels = {**managed, naming.LABEL_PROJECT: run.plan.project, naming.LABEL_INSTANCE: run.plan.instance}
     for key, network in sorted(run.plan.document.get("networks", {}).items()):
         name = unescape_document(network.get("name", key))
         labels = managed if network.get("external") else {**project_labels, naming.COMPOSE_NETWORK: key}

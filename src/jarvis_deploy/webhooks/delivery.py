@@ -23,7 +23,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from jarvis_deploy import __version__
 from jarvis_deploy.config import Settings
-from jarvis_deploy.db.models import Deployment, Project, WebhookDelivery, WebhookSubscription
+from jarvis_deploy.db.models import (
+    Deployment,
+    Project,
+    WebhookDelivery,
+    WebhookSubscription,
+)
 from jarvis_deploy.deployments.schemas import DeploymentRead, DeploymentStatus
 from jarvis_deploy.projects.schemas import ProjectRead
 from jarvis_deploy.secrets.cipher import SecretCipher, SecretError

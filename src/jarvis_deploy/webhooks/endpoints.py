@@ -10,7 +10,12 @@ from jarvis_deploy.auth.audit import note_target
 from jarvis_deploy.auth.deps import AdminPrincipal
 from jarvis_deploy.db.models import Project
 from jarvis_deploy.webhooks import service
-from jarvis_deploy.webhooks.schemas import WebhookCreate, WebhookCreated, WebhookDeliveryRead, WebhookRead
+from jarvis_deploy.webhooks.schemas import (
+    WebhookCreate,
+    WebhookCreated,
+    WebhookDeliveryRead,
+    WebhookRead,
+)
 
 router = APIRouter(prefix="/api/jarvis/webhooks", tags=["webhooks"], responses=COMMON_ERRORS)
 

@@ -4,7 +4,15 @@ import uuid
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr, Strict, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    SecretStr,
+    Strict,
+    field_validator,
+)
 
 MIN_SECRET_LENGTH = 16
 MAX_SECRET_LENGTH = 512

@@ -14,7 +14,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from jarvis_deploy.auth.service import Principal
 from jarvis_deploy.db.models import Project, WebhookDelivery, WebhookSubscription
 from jarvis_deploy.errors import Forbidden, InvalidRequest, NotFound
-from jarvis_deploy.secrets.cipher import GENERATE_KEY_HINT, SecretCipher, SecretKeyInvalid
+from jarvis_deploy.secrets.cipher import (
+    GENERATE_KEY_HINT,
+    SecretCipher,
+    SecretKeyInvalid,
+)
 from jarvis_deploy.secrets.store import SecretsNotConfigured
 from jarvis_deploy.webhooks.schemas import WebhookCreate
 
