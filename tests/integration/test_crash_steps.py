@@ -187,3 +187,21 @@ async def test_sigterm_lets_a_deployment_finish_and_takes_no_new_job(client, pro
     assert (await client.get(f"/api/jarvis/deployments/{later['id']}")).json()["status"] == "queued"
     async with httpx.AsyncClient(trust_env=False) as http:
         assert (await http.get(f"http://127.0.0.1:{port}/cgi-bin/version")).text.strip() == "v1"
+
+
+async def test_time_limit_fails_and_cleans_up(client, project, docker, caddy, private_setup):
+    private_client, env, log_path, workers = private_setup
+    host, body, first = await serve_v1(client, project, caddy, private_setup)
+    workers.append(start_worker({**env, "JARVIS_JOB_TIMEOUT": "10"}, log_path))
+
+    # v2 never listens, and its health check would go on for far longer than the time limit.
+    slow = {**body, "image_ref": app_image("v2"), "environment": {"START_DELAY": "600"}, "healthcheck": {**HEALTH, "retries": 10000}}
+    second = (await private_client.post("/api/jarvis/deployments/deploy", json=slow)).json()
+    done = await wait_for_status(client, second["id"], {"failed", "succeeded", "rolled_back"}, timeout=90)
+
+    assert done["status"] == "failed", done
+    assert "time limit of 10s" in done["error"]
+    assert await served_version(caddy, host) == "v1"
+    remaining = [container._container for container in await containers_of(docker, project["name"])]
+    assert [item["Labels"]["dev.jarvis-deploy.deployment"] for item in remaining] == [first["id"]], remaining
+    assert workers[-1].poll() is None

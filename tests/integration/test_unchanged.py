@@ -76,6 +76,7 @@ async def test_force_runs_the_same_request_again(client, project, docker):
     stages = [event["stage"] for event in forced["events"]]
     assert "unchanged" not in stages
     assert "started" in stages
+    await wait_for_event(client, forced["id"], "removed_old")
     after = await container_ids(docker, project)
     assert after
     assert not after & before
