@@ -111,9 +111,24 @@ class WorkerSettings:
         func(tasks.stop_deployment, name=queue.STOP_DEPLOYMENT, keep_result=0, timeout=300, max_tries=3),
         func(delivery.deliver_webhook, name=delivery.DELIVER_WEBHOOK, timeout=settings.webhook_timeout + 30, max_tries=settings.webhook_max_tries),
     ]
+    # arq makes a unique cron job's id from its name and time, and job ids are global in Redis, not
+    # per queue. The queue name in the job name keeps workers of other queues (other instances, or
+    # tests) from taking this queue's runs.
     cron_jobs = [
-        cron(reconcile_state, second={0, 30}, run_at_startup=False, unique=True),
-        cron(reapply_proxy_routes, second=set(range(0, 60, 10)), run_at_startup=False, unique=True),
+        cron(
+            reconcile_state,
+            name=f"cron:{settings.queue_name}:reconcile_state",
+            second={0, 30},
+            run_at_startup=False,
+            unique=True,
+        ),
+        cron(
+            reapply_proxy_routes,
+            name=f"cron:{settings.queue_name}:reapply_proxy_routes",
+            second=set(range(0, 60, 10)),
+            run_at_startup=False,
+            unique=True,
+        ),
     ]
     on_startup = startup
     on_shutdown = shutdown
