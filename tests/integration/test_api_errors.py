@@ -130,3 +130,24 @@ async def test_healthz_and_readyz(client):
     assert ready.status_code == 200, ready.text
     assert ready.json()["checks"] == {"database": "ok", "redis": "ok", "docker": "ok"}
 
+
+
+async def test_body_that_is_not_json_names_the_body(client):
+    response = await client.post(
+        "/api/jarvis/deployments/deploy", content=b'{"force": tru', headers={"content-type": "application/json"}
+    )
+
+    assert response.status_code == 422
+    error = response.json()["errors"][0]
+    assert error["field"] == "body"
+    assert "not valid JSON" in error["message"]
+    assert "character" in error["message"]
+
+
+@pytest.mark.parametrize("value", ["yes", 1, "true", 0, None])
+async def test_force_accepts_only_json_booleans(client, project, value):
+    body = {"project_id": project["id"], "image_ref": "localhost:5000/jarvis-testapp:v1", "port": 8080, "force": value}
+    response = await client.post("/api/jarvis/deployments/deploy", json=body)
+
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"][0]["field"] == "body.force"

@@ -144,16 +144,26 @@ async def wait_exit(process: subprocess.Popen, timeout: float) -> int:
     return process.returncode
 
 
-async def test_sigterm_hands_back_an_unfinished_deployment(client, project, docker, caddy, private_setup):
+@pytest.mark.parametrize(
+    ("stage", "signals"), [("healthy", 1), ("watching", 2)], ids=["one-sigterm", "second-sigterm-during-clean-up"]
+)
+async def test_sigterm_hands_back_an_unfinished_deployment(
+    stage, signals, client, project, docker, caddy, private_setup
+):
     private_client, env, log_path, workers = private_setup
     host, body, first = await serve_v1(client, project, caddy, private_setup)
 
-    # This worker holds the deployment after `healthy` for longer than its grace period.
-    paused = {**env, "JARVIS_PAUSE_AFTER_STAGES": json.dumps(["healthy"]), "JARVIS_SHUTDOWN_GRACE_SECONDS": "1"}
+    # This worker pauses the deployment after `stage` for longer than its grace period.
+    paused = {**env, "JARVIS_PAUSE_AFTER_STAGES": json.dumps([stage]), "JARVIS_SHUTDOWN_GRACE_SECONDS": "1"}
     workers.append(start_worker(paused, log_path))
     second = (await private_client.post("/api/jarvis/deployments/deploy", json={**body, "image_ref": app_image("v2")})).json()
-    await wait_for_event(client, second["id"], "healthy", timeout=60)
+    await wait_for_event(client, second["id"], stage, timeout=60)
     workers[1].send_signal(signal.SIGTERM)
+    if signals == 2:
+        # arq cancels again 1 s after this signal, while the hand-back (after `watching` it starts the
+        # stopped v1 container and waits for its health check) is still running.
+        await asyncio.sleep(0.3)
+        workers[1].send_signal(signal.SIGTERM)
     await wait_exit(workers[1], 60)
 
     handed_back = (await client.get(f"/api/jarvis/deployments/{second['id']}")).json()

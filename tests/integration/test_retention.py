@@ -56,6 +56,10 @@ async def test_prune_keeps_summaries_and_used_specs(client, project, context):
 
     old = (await client.get(f"/api/jarvis/deployments/{done[1]['id']}")).json()
     assert old["events"] == []
+    stream = await client.get(
+        f"/api/jarvis/deployments/{done[1]['id']}/events", headers={"Accept": "text/event-stream"}
+    )
+    assert stream.status_code == 204
     compose = await client.get(f"/api/jarvis/deployments/{done[1]['id']}/compose")
     assert compose.status_code == 410
     assert "retention" in compose.json()["detail"]

@@ -94,11 +94,24 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, str]]:
     """Field errors without the rejected input, which may hold a secret."""
     errors = []
     for error in exc.errors():
+        if error.get("type") == "json_invalid":
+            errors.append(_json_error(error))
+            continue
         message = error.get("msg", "invalid value")
         if message.startswith("Value error, "):
             message = message.removeprefix("Value error, ")
         errors.append({"field": _dotted(error.get("loc", ())), "message": message, "type": error.get("type", "value_error")})
     return errors
+
+
+def _json_error(error: dict[str, Any]) -> dict[str, str]:
+    """Describe a body that is not JSON; FastAPI puts the character position where the field name goes."""
+    location = error.get("loc", ())
+    position = location[1] if len(location) > 1 else None
+    reason = (error.get("ctx") or {}).get("error", "invalid JSON")
+    where = f" at character {position}" if position is not None else ""
+    message = f"the body is not valid JSON ({reason}{where}); send one JSON object"
+    return {"field": "body", "message": message, "type": "json_invalid"}
 
 
 async def _handle_validation(request: Request, exc: RequestValidationError) -> JSONResponse:

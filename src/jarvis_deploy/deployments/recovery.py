@@ -11,7 +11,7 @@ from jarvis_deploy import naming
 from jarvis_deploy.compose.render import load_spec
 from jarvis_deploy.db.locks import try_project_lock
 from jarvis_deploy.db.models import ComposeSpec, Deployment, Project
-from jarvis_deploy.deployments.runner import EventRecorder, WorkerContext
+from jarvis_deploy.deployments.runner import EventRecorder, WorkerContext, prune
 from jarvis_deploy.deployments.schemas import DeploymentStatus
 from jarvis_deploy.engine.docker import ContainerInfo
 from jarvis_deploy.engine.errors import EngineError, HealthCheckFailed
@@ -76,6 +76,7 @@ async def abandon(
     await record("failed", reason)
     logger.warning("deployment.abandoned", deployment_id=str(deployment_id), project=project, reason=reason)
     await notify_final_state(context, deployment_id)
+    await prune(context, project_id)
 
 
 async def hand_back(context: WorkerContext, deployment_id: uuid.UUID, project_id: uuid.UUID, project: str) -> None:

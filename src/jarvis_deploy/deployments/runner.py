@@ -2,7 +2,7 @@
 
 import asyncio
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 from pydantic import SecretStr
@@ -39,6 +39,7 @@ logger = structlog.get_logger(__name__)
 
 HEARTBEAT_INTERVAL = 5.0
 FAULT_PAUSE_SECONDS = 3600.0
+CLEANUP_WAIT_SECONDS = 120.0
 
 
 class DeploymentNotFound(Exception):
@@ -52,6 +53,9 @@ class WorkerContext:
     sessionmaker: async_sessionmaker[AsyncSession]
     engine: DockerEngine
     router: TrafficRouter
+    # Hand-backs still running; close() waits for them. arq stops waiting for a job when it is
+    # cancelled a second time, so the job's clean-up can outlive the job.
+    cleanups: set[asyncio.Task] = field(default_factory=set)
 
     @classmethod
     def create(cls, settings: Settings, *, with_caddy: bool = True) -> "WorkerContext":
@@ -64,6 +68,9 @@ class WorkerContext:
         return cls(settings, db_engine, sessionmaker, DockerEngine(settings.docker_url), TrafficRouter(sessionmaker, caddy))
 
     async def close(self) -> None:
+        if self.cleanups:
+            logger.info("worker.waiting_for_cleanups", count=len(self.cleanups))
+            await asyncio.wait(self.cleanups, timeout=CLEANUP_WAIT_SECONDS)
         await self.engine.close()
         if self.router.caddy is not None:
             await self.router.caddy.close()
@@ -150,7 +157,7 @@ async def run_deployment(context: WorkerContext, deployment_id: uuid.UUID) -> st
         deployment, project, _ = await _load(session, deployment_id)
 
     async with project_lock(context.db_engine, project.id):
-        await _take_over_abandoned(context, project)
+        await _take_over_abandoned(context, project, deployment_id)
         while True:
             async with context.sessionmaker() as session:
                 next_id = await session.scalar(
@@ -172,10 +179,15 @@ async def run_deployment(context: WorkerContext, deployment_id: uuid.UUID) -> st
                 return outcome
 
 
-async def _take_over_abandoned(context: WorkerContext, project: Project) -> None:
-    """Fail and clean up in-progress deployments of the project; the caller holds its lock, so their workers are gone."""
-    from jarvis_deploy.deployments.recovery import (
-        abandon,  # recovery imports this module
+async def _take_over_abandoned(context: WorkerContext, project: Project, job_deployment_id: uuid.UUID) -> None:
+    """Clean up in-progress deployments of the project; the caller holds its lock, so their workers are gone.
+
+    The job's own deployment (arq runs a job again after its worker stopped) is handed back and
+    runs again. Any other one fails.
+    """
+    from jarvis_deploy.deployments.recovery import (  # recovery imports this module
+        abandon,
+        hand_back,
     )
 
     async with context.sessionmaker() as session:
@@ -187,6 +199,9 @@ async def _take_over_abandoned(context: WorkerContext, project: Project) -> None
             )
         )
     for deployment_id in abandoned:
+        if deployment_id == job_deployment_id:
+            await hand_back(context, deployment_id, project.id, project.name)
+            continue
         reason = "the worker running this deployment stopped; the next deployment of the project took over"
         await abandon(context, deployment_id, project.id, project.name, reason)
 
@@ -260,12 +275,13 @@ async def _run_locked(context: WorkerContext, deployment_id: uuid.UUID) -> str:
         return DeploymentStatus.FAILED.value
     except asyncio.CancelledError:
         # The worker is shutting down: undo this run, then let the queue run the deployment again
-        # on another worker. The job waits for this clean-up before it ends.
+        # on another worker. A second SIGTERM cancels again, and the clean-up goes on; the worker
+        # waits for it in WorkerContext.close before it exits.
         from jarvis_deploy.deployments.recovery import (
             hand_back,  # recovery imports this module
         )
 
-        await hand_back(context, deployment_id, project.id, project.name)
+        await _finish_despite_cancellation(context, hand_back(context, deployment_id, project.id, project.name))
         raise
     except BaseException:
         # An unexpected error: leave nothing of this run behind, and put the last good version back in service.
@@ -291,13 +307,29 @@ async def _finish_unchanged(context: WorkerContext, deployment: Deployment, live
     record = EventRecorder(context.sessionmaker, deployment.id)
     await record(
         "unchanged",
-        f"nothing changed: version {live.version} already runs this spec ({deployment.checksum[:12]}) and image "
-        f"{live.image_digest}, and its containers are healthy, so they keep serving. Pass force to redeploy anyway",
+        f"nothing changed: the live version {live.version} already runs this spec ({deployment.checksum[:12]}) and "
+        f"image {live.image_digest}, and its containers are healthy, so they keep serving. Send the deploy request "
+        'with "force": true to run it anyway',
     )
     await _succeed(
         context, deployment.id, deployment.project_id, live.image_digest, reused_from=live.container_owner
     )
-    await record("succeeded", f"version {deployment.version} is running on the containers of version {live.version}")
+    await record("succeeded", f"version {deployment.version} is running on the live containers")
+
+
+async def _finish_despite_cancellation(context: WorkerContext, cleanup) -> None:
+    """Await `cleanup` to the end, even when the task is cancelled again meanwhile."""
+    task = asyncio.ensure_future(cleanup)
+    context.cleanups.add(task)
+    task.add_done_callback(context.cleanups.discard)
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                break
+            logger.warning("deployment.cleanup_continues_after_cancel")
+    task.result()
 
 
 async def _load_secrets(context: WorkerContext, spec_id: uuid.UUID, plan: DeploymentPlan) -> dict[str, SecretStr]:

@@ -13,6 +13,7 @@ from pydantic import (
     Field,
     SecretStr,
     Strict,
+    StrictBool,
     StrictStr,
     ValidationInfo,
     field_validator,
@@ -221,10 +222,10 @@ class DeployRequest(BaseModel):
     healthcheck: HealthCheck | None = Field(
         None, description="External probe; without one a TCP connect to `port` gates the container."
     )
-    force: bool = Field(
+    force: StrictBool = Field(
         False,
         description=(
-            "Run the deployment even when nothing changed. Without it, a request whose spec checksum and image "
+            "JSON `true` or `false`. Run the deployment even when nothing changed. Without it, a request whose spec checksum and image "
             "digest equal the live deployment's, with that deployment's containers running and healthy, "
             "succeeds at once and leaves those containers serving."
         ),

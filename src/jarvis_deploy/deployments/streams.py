@@ -61,7 +61,12 @@ def parse_last_event_id(value: str | None) -> int:
             ),
             "content": {EVENT_STREAM: {"schema": {"type": "string"}}},
         },
-        204: {"description": "Last-Event-ID is at or after the closing event of a finished deployment; nothing follows."},
+        204: {
+            "description": (
+                "Last-Event-ID is at or after the closing event of a finished deployment, or retention removed "
+                "its events; nothing follows."
+            )
+        },
         404: NOT_FOUND,
     },
 )
@@ -79,10 +84,13 @@ async def get_events(
     ),
 ):
     """Read a deployment's event timeline, or follow it live as Server-Sent Events."""
-    await _accessible_deployment(session, principal, deployment_id)
+    deployment = await _accessible_deployment(session, principal, deployment_id)
     if not wants_event_stream(request):
         found = await service.get_with_events(session, deployment_id)
         return [DeploymentEventRead.model_validate(event) for event in found.events]
+    if deployment.pruned_at is not None:
+        # Retention removed the events of this finished deployment, so nothing can follow.
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
 
     after_id = parse_last_event_id(last_event_id)
     if after_id > 0:
