@@ -23,6 +23,8 @@ from tests.caddy import CaddyProcess, start_caddy
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_SERVER = os.environ.get("JARVIS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+# TODO: the sorted sets of the tests' private queues (`jarvis-test-<kind>-<hex>`) stay in this Redis
+# after a run. arq's job keys expire on their own within a day; the queue keys do not.
 REDIS_URL = os.environ.get("JARVIS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REGISTRY = os.environ.get("JARVIS_TEST_REGISTRY", "localhost:5000")
 TEST_LABEL = "dev.jarvis-deploy.test"
