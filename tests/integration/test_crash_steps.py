@@ -180,7 +180,7 @@ async def test_sigterm_hands_back_an_unfinished_deployment(
     assert await served_version(caddy, host) == "v2"
 
 
-async def test_sigterm_lets_a_deployment_finish_and_takes_no_new_job(client, project, docker, private_setup):
+async def test_sigterm_finishes_running_deployment(client, project, docker, private_setup):
     private_client, env, log_path, workers = private_setup
     port = free_port()
     body = {"project_id": project["id"], "image_ref": app_image("v1"), "port": 8080, "host_port": port, "healthcheck": HEALTH}

@@ -7,6 +7,7 @@ import pytest
 from jarvis_deploy.deployments import recovery
 from tests.conftest import app_image, free_port, wait_for_event, wait_for_status
 from tests.integration.test_deploy_flow import HEALTH, containers_of
+from tests.integration.test_history import served_version
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("worker")]
 
@@ -22,11 +23,6 @@ async def deploy_and_wait(client: httpx.AsyncClient, body: dict) -> dict:
 
 async def container_ids(docker: aiodocker.Docker, project: dict) -> set[str]:
     return {container.id for container in await containers_of(docker, project["name"])}
-
-
-async def served_version(port: int) -> str:
-    async with httpx.AsyncClient(trust_env=False) as http:
-        return (await http.get(f"http://127.0.0.1:{port}/cgi-bin/version")).text.strip()
 
 
 async def test_same_request_keeps_containers(client, project, docker, context):

@@ -11,7 +11,7 @@ DATABASE_ERRORS = (DBAPIError, OSError)
 
 
 def database_unavailable(error: BaseException) -> bool:
-    """Whether `error` means the database could not be reached or is restarting, rather than a failed statement."""
+    """Tell whether `error` means the database could not be reached or is restarting, rather than a failed statement."""
     if isinstance(error, (OperationalError, InterfaceError, OSError)):
         return True
     if not isinstance(error, DBAPIError):

@@ -26,14 +26,14 @@ async def prune_project(sessionmaker: async_sessionmaker[AsyncSession], project_
     async with sessionmaker() as session:
         await session.execute(select(Project.id).where(Project.id == project_id).with_for_update())
         newest = select(Deployment.id).where(Deployment.project_id == project_id).order_by(Deployment.version.desc())
-        kept = newest.limit(keep)
+        newest_kept = newest.limit(keep)
         pruned = list(
             await session.scalars(
                 select(Deployment.id).where(
                     Deployment.project_id == project_id,
                     Deployment.status.in_(PRUNABLE),
                     Deployment.pruned_at.is_(None),
-                    Deployment.id.not_in(kept),
+                    Deployment.id.not_in(newest_kept),
                 )
             )
         )

@@ -38,7 +38,7 @@ def _digest_hash(reference: str) -> str:
 
 
 async def runs_digest(engine: DockerEngine, image_ref: str, digest: str) -> bool:
-    """Whether a deployment of `image_ref` would run the manifest `digest` (`sha256:...`) now.
+    """Tell whether a deployment of `image_ref` would run the manifest `digest` (`sha256:...`) now.
 
     The registry's digest takes precedence. When the registry cannot be reached, a deployment would run
     the local image, so its digests count.
@@ -59,7 +59,7 @@ async def unchanged_from(
     deployment: Deployment,
     plan: DeploymentPlan,
 ) -> Deployment | None:
-    """Return the live deployment that already runs what `deployment` asks for, or None when a run is needed."""
+    """Return the live deployment that already runs what `deployment` requests, or None when a run is needed."""
     log = logger.bind(deployment_id=str(deployment.id), project=plan.project)
     live = await live_deployment(sessionmaker, deployment)
     if live is None or live.checksum != deployment.checksum or live.image_digest is None:
@@ -89,7 +89,7 @@ async def unchanged_from(
 
 
 async def _containers_healthy(engine: DockerEngine, live: Deployment, plan: DeploymentPlan, log) -> bool:
-    """Whether every replica of the live deployment runs and passes one probe of the deployment's health check."""
+    """Tell whether every replica of the live deployment runs and passes one probe of the deployment's health check."""
     containers = await engine.list_containers({naming.LABEL_DEPLOYMENT: str(live.container_owner)})
     running = [container for container in containers if container.state == "running"]
     if len(running) != plan.replicas or len(containers) != plan.replicas:

@@ -173,10 +173,10 @@ async def ensure_image(run: DeploymentRun) -> None:
     digest matches the registry's, or when the registry cannot be asked.
     """
     image = run.plan.image_ref
-    wanted = await run.engine.registry_digest(image)
+    current = await run.engine.registry_digest(image)
     local = await run.engine.local_digests(image)
-    if local is not None and (wanted is None or wanted in local):
-        source = "matches the registry" if wanted else "the registry did not answer, so the local image is used"
+    if local is not None and (current is None or current in local):
+        source = "matches the registry" if current else "the registry did not answer, so the local image is used"
         await run.record("pull", f"image {image} is present and {source}; not pulled", None)
     else:
         started = time.monotonic()
