@@ -265,6 +265,31 @@ def start_service(
     services.processes.append((name, process))
 
 
+def start_upstream_resolver(services: ServiceProcesses, environment: dict[str, str], root: Path) -> str:
+    """Start `jarvis-deploy resolver` on a free UDP port of 127.0.0.1 and wait until it answers a lookup.
+
+    Sets JARVIS_UPSTREAM_RESOLVER in `environment`, so start it before the worker. Returns the address.
+    """
+    from jarvis_deploy.proxy.lookup import ResolverUnavailable, lookup_name, query_addresses
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    environment["JARVIS_UPSTREAM_RESOLVER"] = address
+    start_service(services, "resolver", ["resolver"], environment, root)
+
+    name, process = services.processes[-1]
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while True:
+        try:
+            asyncio.run(query_addresses(address, lookup_name("bench-ready", 80, "ready"), timeout=0.5))
+            return address
+        except ResolverUnavailable:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise BenchmarkError(f"the resolver did not start:\n{read_log_tail(services.log_path(name))}") from None
+            time.sleep(0.1)
+
+
 def read_log_tail(path: Path, lines: int = 40) -> str:
     try:
         text = path.read_text(errors="replace")

@@ -2,7 +2,8 @@
 
 The script starts the same private setup as bench/zero_downtime.py: its own Caddy (admin API and
 one HTTP server on free 127.0.0.1 ports), a fresh database `jarvis_bench_<random>`, its own arq
-queue, and the API and one worker as subprocesses with JARVIS_UPSTREAM_MODE=loopback. The service
+queue, and the API, one worker and (with --upstreams lookup, the default) `jarvis-deploy resolver`
+as subprocesses with JARVIS_UPSTREAM_MODE=loopback. The service
 uses a Redis database number of its own (--redis-db, default 13), which must be empty at the start,
 and JARVIS_HEARTBEAT_TIMEOUT=10, the minimum the service accepts.
 
@@ -72,6 +73,7 @@ from bench.deploy_latency import (
     remove_docker_objects,
     service_environment,
     start_service,
+    start_upstream_resolver,
     stop_services,
     wait_for_api,
     wait_for_worker,
@@ -677,6 +679,15 @@ def parse_arguments() -> argparse.Namespace:
         help=f"seconds the load keeps running before the report, for the reconciler "
         f"(default {2 * RECONCILE_PERIOD + HEARTBEAT_TIMEOUT}: two reconcile periods plus the heartbeat timeout)",
     )
+    parser.add_argument(
+        "--upstreams",
+        choices=("lookup", "list"),
+        default="lookup",
+        help=(
+            "how Caddy finds the containers: `lookup` starts `jarvis-deploy resolver`, so a switch needs no Caddy "
+            "reload; `list` changes the route's upstream list through the admin API, which reloads Caddy (default lookup)"
+        ),
+    )
     add_service_arguments(parser, "the API, worker and Caddy logs")
 
     arguments = parser.parse_args()
@@ -752,6 +763,8 @@ def main() -> int:
         root = arguments.service_root
         migrate_database(environment, root)
         token = create_admin_token(environment, root, f"soak-{names.run_id}")
+        if arguments.upstreams == "lookup":
+            print(f"  JARVIS_UPSTREAM_RESOLVER={start_upstream_resolver(services, environment, root)}", flush=True)
         start_service(services, "worker", ["worker"], environment, root)
         wait_for_worker(services)
         api_port = free_port()

@@ -3,7 +3,10 @@
 The script starts its own Caddy 2.6 (admin API and one HTTP server on free 127.0.0.1 ports, from a
 config file in a temporary directory), its own database `jarvis_bench_<random>` and arq queue, and
 the API and one worker as subprocesses, with JARVIS_UPSTREAM_MODE=loopback so that Caddy dials the
-containers' published loopback ports. Then it runs three scenarios. In each, a steady load of
+containers' published loopback ports. With --upstreams lookup (the default) it also runs
+`jarvis-deploy resolver` and sets JARVIS_UPSTREAM_RESOLVER, so that Caddy finds the containers by
+a lookup and a switch does not reload Caddy; --upstreams list switches through the admin API
+instead. Then it runs three scenarios. In each, a steady load of
 GET /cgi-bin/version requests goes through Caddy, --rps in total over --clients keep-alive
 connections, with the Host header set to the scenario's domain. Meanwhile --deployments deployments
 run one after the other, alternating the images v2 and v1:
@@ -76,6 +79,7 @@ from bench.deploy_latency import (
     remove_docker_objects,
     service_environment,
     start_service,
+    start_upstream_resolver,
     stop_services,
     wait_for_api,
     wait_for_worker,
@@ -831,7 +835,17 @@ def parse_arguments() -> argparse.Namespace:
         default=",".join(SCENARIOS),
         help=f"comma-separated scenarios to run, in this order (default {','.join(SCENARIOS)})",
     )
-    add_service_arguments(parser, "the API, worker and Caddy logs")
+    parser.add_argument(
+        "--upstreams",
+        choices=("lookup", "list"),
+        default="lookup",
+        help=(
+            "how Caddy finds the containers: `lookup` starts `jarvis-deploy resolver` and sets "
+            "JARVIS_UPSTREAM_RESOLVER, so a switch needs no Caddy reload; `list` changes the route's upstream "
+            "list through the admin API, which reloads Caddy (default lookup)"
+        ),
+    )
+    add_service_arguments(parser, "the API, worker, resolver and Caddy logs")
 
     arguments = parser.parse_args()
     if arguments.deployments < 1:
@@ -901,6 +915,8 @@ def main() -> int:
         root = arguments.service_root
         migrate_database(environment, root)
         token = create_admin_token(environment, root, f"bench-{names.run_id}")
+        if arguments.upstreams == "lookup":
+            print(f"  JARVIS_UPSTREAM_RESOLVER={start_upstream_resolver(services, environment, root)}", flush=True)
         start_service(services, "worker", ["worker"], environment, root)
         wait_for_worker(services)
         api_port = free_port()

@@ -13,6 +13,7 @@ Use from a fixture:
         yield caddy
 """
 
+import asyncio
 import json
 import os
 import secrets
@@ -284,3 +285,32 @@ def running_caddy(directory: Path, *, admin_only: bool = False) -> Iterator[Cadd
         yield caddy
     finally:
         caddy.stop()
+
+
+async def route_upstreams(admin_url: str, route_id: str) -> list[str] | None:
+    """Return the dial addresses that Caddy's route sends requests to, or None when Caddy has no such route.
+
+    A route that names an upstream lookup lists no addresses, so the lookup is sent to its resolver.
+    """
+    from jarvis_deploy.proxy.lookup import query_addresses
+
+    url = f"{admin_url}/id/{route_id}"
+    async with httpx.AsyncClient(trust_env=False) as http:
+        try:
+            response = await http.get(url)
+        except (httpx.ReadError, httpx.RemoteProtocolError, httpx.ConnectError):
+            # Caddy restarts its admin endpoint after every configuration change; ask once more.
+            await asyncio.sleep(0.1)
+            response = await http.get(url)
+    if response.status_code == 404:
+        return None
+    response.raise_for_status()
+
+    handler = response.json()["handle"][0]
+    lookup = handler.get("dynamic_upstreams")
+    if lookup is None:
+        return [upstream["dial"] for upstream in handler.get("upstreams", [])]
+    resolver = lookup["resolver"]["addresses"][0].removeprefix("udp/")
+    addresses = await query_addresses(resolver, lookup["name"]) or []
+    return [f"{address}:{lookup['port']}" for address in addresses]
+

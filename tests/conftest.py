@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -80,14 +81,61 @@ def caddy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CaddyProcess]:
 
 
 @pytest.fixture(scope="session")
+def upstream_resolver(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A `jarvis-deploy resolver` process for the test database on a free UDP port; returns its address."""
+    address = f"127.0.0.1:{free_udp_port()}"
+    log_path = tmp_path_factory.mktemp("resolver") / "resolver.log"
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "jarvis_deploy.cli", "resolver"],
+            env={**os.environ, "JARVIS_DATABASE_URL": database_url, "JARVIS_UPSTREAM_RESOLVER": address},
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for_resolver(address, process, log_path)
+        yield address
+    finally:
+        stop_process(process)
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_resolver(address: str, process: subprocess.Popen, log_path: Path, timeout: float = 30) -> None:
+    """Return once the resolver answers a lookup, which shows it listens and reads the database."""
+    from jarvis_deploy.proxy.lookup import ResolverUnavailable, lookup_name, query_addresses
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            asyncio.run(query_addresses(address, lookup_name("resolver-ready", 80, "ready"), timeout=0.5))
+            return
+        except ResolverUnavailable:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"resolver did not start:\n{log_path.read_text(errors='replace')[-5000:]}") from None
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
 def service_env(
-    run_id: str, database_url: str, caddy: CaddyProcess, tmp_path_factory: pytest.TempPathFactory
+    run_id: str,
+    database_url: str,
+    caddy: CaddyProcess,
+    upstream_resolver: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, str]:
-    """Environment of the service under test: its own database, queue, proxy network and Caddy, loopback ports."""
+    """Environment of the service under test: its own database, queue, proxy network, Caddy and upstream resolver."""
     return {
         "JARVIS_CADDY_ADMIN_URL": caddy.admin_url,
         "JARVIS_CADDY_SERVER": caddy.server_name,
         "JARVIS_UPSTREAM_MODE": "loopback",
+        "JARVIS_UPSTREAM_RESOLVER": upstream_resolver,
         "JARVIS_DRAIN_SECONDS": "0.5",
         "JARVIS_WATCH_SECONDS": "6",
         "JARVIS_DATABASE_URL": database_url,

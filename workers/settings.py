@@ -43,7 +43,7 @@ async def startup(ctx: dict[str, Any]) -> None:
             await asyncio.sleep(DATABASE_RETRY_SECONDS)
 
     caddy = context.router.caddy
-    routes = await reapply_routes(context.db_engine, context.sessionmaker, caddy) if caddy else 0
+    routes = await reapply_routes(context.db_engine, context.router) if caddy else 0
     counts = await _reconcile(ctx)
     logger.info("worker.started", queue=settings.queue_name, routes_reapplied=routes, **counts)
 
@@ -92,7 +92,7 @@ async def reapply_proxy_routes(ctx: dict[str, Any]) -> int:
     context: WorkerContext = ctx["context"]
     if context.router.caddy is None:
         return 0
-    return await reapply_routes(context.db_engine, context.sessionmaker, context.router.caddy)
+    return await reapply_routes(context.db_engine, context.router)
 
 
 class WorkerSettings:

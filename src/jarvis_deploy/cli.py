@@ -1,4 +1,4 @@
-"""Command line: `jarvis-deploy migrate | api | worker`."""
+"""Command line: `jarvis-deploy migrate | api | worker | resolver | token`."""
 
 import asyncio
 from pathlib import Path
@@ -82,6 +82,37 @@ def worker() -> None:
     from workers.settings import WorkerSettings
 
     run_worker(WorkerSettings)  # type: ignore[arg-type]
+
+
+@app.command()
+def resolver() -> None:
+    """Answer Caddy's upstream lookups on JARVIS_UPSTREAM_RESOLVER (UDP) from the database."""
+    from jarvis_deploy.config import get_settings, parse_host_port
+    from jarvis_deploy.db.session import create_engine, create_sessionmaker
+    from jarvis_deploy.logging_config import configure_logging
+    from jarvis_deploy.proxy.resolver import serve
+
+    settings = get_settings()
+    if not settings.upstream_resolver:
+        typer.echo("JARVIS_UPSTREAM_RESOLVER is not set. Set it to the UDP address to listen on, such as 127.0.0.1:5353", err=True)
+        raise typer.Exit(2)
+    configure_logging(settings.log_level, settings.log_json)
+    host, port = parse_host_port(settings.upstream_resolver, "upstream_resolver")
+
+    async def run() -> None:
+        engine = create_engine(settings.database_url)
+        try:
+            await serve(create_sessionmaker(engine), settings.instance_id, host, port)
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    except OSError as error:
+        typer.echo(f"cannot listen on udp {settings.upstream_resolver}: {error}", err=True)
+        raise typer.Exit(1) from None
 
 
 token_app = typer.Typer(help="Create, list and revoke API tokens.", no_args_is_help=True)

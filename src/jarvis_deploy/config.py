@@ -1,6 +1,7 @@
 """Service settings, read from the environment with the prefix ``JARVIS_``."""
 
 import hashlib
+import ipaddress
 import json
 from functools import lru_cache
 from typing import Literal
@@ -10,6 +11,20 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
 from jarvis_deploy.policy import normalize_host_path
+
+
+def parse_host_port(value: str, field: str) -> tuple[str, int]:
+    """Split `host:port` (an IPv4 address or a bracketed IPv6 address), raising ValueError that names `field`."""
+    host, separator, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        number = 0
+    if not separator or not 0 < number < 65536:
+        raise ValueError(f"{field} must be an IP address and port such as 127.0.0.1:5353, not {value!r}")
+    return host, number
 
 
 class Settings(BaseSettings):
@@ -39,6 +54,28 @@ class Settings(BaseSettings):
             "How Caddy reaches containers: `network` dials <container name>:<port> over the proxy network; "
             "`loopback` publishes the port on 127.0.0.1 and dials that, for a Caddy running on the host."
         ),
+    )
+    upstream_resolver: str = Field(
+        "",
+        description=(
+            "`host:port` (UDP) where `jarvis-deploy resolver` answers Caddy's lookups of project upstreams. Set, "
+            "with `upstream_mode=loopback`, each routed container is published on an address of its own from "
+            "`upstream_address_range`, and a switch changes only the lookup's answer, so Caddy does not reload. "
+            "Empty: a switch changes the route's upstream list through the admin API, and Caddy reloads."
+        ),
+    )
+    upstream_lookup_refresh: float = Field(
+        0.02,
+        gt=0,
+        le=60,
+        description=(
+            "Seconds Caddy caches a project's upstream lookup. A switch reaches every new request this long "
+            "after the resolver returns the new addresses; each busy project costs Caddy one lookup per interval."
+        ),
+    )
+    upstream_address_range: str = Field(
+        "127.77.0.0/16",
+        description="IPv4 loopback network whose addresses routed containers are published on when `upstream_resolver` is set.",
     )
     caddy_admin_url: str = Field(
         "http://127.0.0.1:2019", description="Caddy admin API; empty leaves routing to caddy-docker-proxy labels."
@@ -171,6 +208,29 @@ class Settings(BaseSettings):
         """Identity of this service instance: a digest of its database's host, port and name."""
         url = make_url(self.database_url)
         return hashlib.sha256(f"{url.host}:{url.port}/{url.database}".encode()).hexdigest()[:16]
+
+    @property
+    def resolved_upstreams(self) -> bool:
+        """Whether switches go through the upstream resolver instead of a Caddy reload."""
+        return bool(self.upstream_resolver) and self.upstream_mode == "loopback"
+
+    @field_validator("upstream_resolver")
+    @classmethod
+    def _check_resolver_address(cls, value: str) -> str:
+        if value:
+            parse_host_port(value, "upstream_resolver")
+        return value
+
+    @field_validator("upstream_address_range")
+    @classmethod
+    def _check_address_range(cls, value: str) -> str:
+        try:
+            network = ipaddress.IPv4Network(value)
+        except ValueError as error:
+            raise ValueError(f"{value!r} is not an IPv4 network such as 127.77.0.0/16 ({error})") from None
+        if not network.subnet_of(ipaddress.IPv4Network("127.0.0.0/8")) or network.num_addresses < 4:
+            raise ValueError(f"{value!r} must lie inside 127.0.0.0/8 and hold at least 4 addresses, such as 127.77.0.0/16")
+        return str(network)
 
     @field_validator("allowed_bind_roots", "allowed_registries", mode="before")
     @classmethod

@@ -19,6 +19,7 @@ import pytest
 from jarvis_deploy.api.app import create_app
 from jarvis_deploy.config import Settings
 from jarvis_deploy.proxy.caddy import route_id
+from tests.caddy import route_upstreams
 from tests.conftest import (
     api_client,
     app_image,
@@ -117,8 +118,8 @@ async def test_worker_killed_at_step_is_recovered(
     remaining = [container._container for container in await containers_of(docker, project["name"])]
     assert [item["Labels"]["dev.jarvis-deploy.deployment"] for item in remaining] == [first["id"]], remaining
     assert [item["State"] for item in remaining] == ["running"]
-    published = {port["PublicPort"] for item in remaining for port in item["Ports"] if port.get("PublicPort")}
-    assert route == [f"127.0.0.1:{port}" for port in published]
+    published = {f"{port['IP']}:{port['PublicPort']}" for item in remaining for port in item["Ports"] if port.get("PublicPort")}
+    assert route == sorted(published)
 
     # The project deploys normally afterwards.
     third = (await private_client.post("/api/jarvis/deployments/deploy", json={**body, "image_ref": app_image("v2")})).json()
@@ -127,12 +128,8 @@ async def test_worker_killed_at_step_is_recovered(
 
 
 async def caddy_route_upstreams(caddy, project: str) -> list[str]:
-    """The dial addresses of the project's route in Caddy's running configuration."""
-    async with httpx.AsyncClient(trust_env=False) as http:
-        response = await http.get(f"{caddy.admin_url}/id/{route_id(project)}")
-    if response.status_code != 200:
-        return []
-    return [upstream["dial"] for handler in response.json()["handle"] for upstream in handler.get("upstreams", [])]
+    """The dial addresses that the project's route in Caddy's running configuration sends requests to."""
+    return await route_upstreams(caddy.admin_url, route_id(project)) or []
 
 
 async def wait_exit(process: subprocess.Popen, timeout: float) -> int:

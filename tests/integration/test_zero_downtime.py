@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
+from jarvis_deploy.proxy.caddy import route_id
+from tests.caddy import route_upstreams as caddy_route_upstreams
 from tests.conftest import app_image, wait_for_event, wait_for_status
 from tests.integration.test_deploy_flow import containers_of
 
@@ -75,7 +77,7 @@ async def deploy(client, project, **fields) -> dict:
 
 
 async def deployment_ports(docker, project: str, deployment_id: str) -> set[str]:
-    """Loopback ports published by the running containers of one deployment."""
+    """Loopback addresses and ports published by the running containers of one deployment."""
     ports = set()
     for container in await containers_of(docker, project):
         info = await container.show()
@@ -84,22 +86,12 @@ async def deployment_ports(docker, project: str, deployment_id: str) -> set[str]
         if not info["State"]["Running"]:
             continue
         for binding in info["NetworkSettings"]["Ports"].get("8080/tcp") or []:
-            ports.add(f"127.0.0.1:{binding['HostPort']}")
+            ports.add(f"{binding['HostIp']}:{binding['HostPort']}")
     return ports
 
 
 async def route_upstreams(caddy_admin: str, project: str) -> list[str] | None:
-    url = f"{caddy_admin}/id/jarvis-deploy-route-{project}/handle/0/upstreams"
-    async with httpx.AsyncClient(trust_env=False) as http:
-        try:
-            response = await http.get(url)
-        except (httpx.ReadError, httpx.RemoteProtocolError, httpx.ConnectError):
-            # Caddy restarts its admin endpoint after every configuration change; ask once more.
-            await asyncio.sleep(0.1)
-            response = await http.get(url)
-    if response.status_code != 200:
-        return None
-    return [upstream["dial"] for upstream in response.json()]
+    return await caddy_route_upstreams(caddy_admin, route_id(project))
 
 
 async def test_blue_green_drops_no_request(client, project, docker, caddy):

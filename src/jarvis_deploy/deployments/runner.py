@@ -65,7 +65,9 @@ class WorkerContext:
         caddy = None
         if with_caddy and settings.caddy_admin_url:
             caddy = CaddyClient(settings.caddy_admin_url, settings.caddy_server, settings.caddy_listen)
-        return cls(settings, db_engine, sessionmaker, DockerEngine(settings.docker_url), TrafficRouter(sessionmaker, caddy))
+        resolver = settings.upstream_resolver if settings.resolved_upstreams else ""
+        router = TrafficRouter(sessionmaker, caddy, resolver, settings.upstream_lookup_refresh, settings.instance_id)
+        return cls(settings, db_engine, sessionmaker, DockerEngine(settings.docker_url), router)
 
     async def close(self) -> None:
         if self.cleanups:
@@ -84,6 +86,9 @@ class WorkerContext:
             drain_seconds=self.settings.drain_seconds,
             watch_seconds=self.settings.watch_seconds,
             admin_api=self.router.caddy is not None,
+            upstream_address_range=(
+                self.settings.upstream_address_range if self.router.caddy is not None and self.router.resolver else None
+            ),
         )
 
 

@@ -16,6 +16,8 @@ from typing import Any, Self
 import httpx
 import structlog
 
+from jarvis_deploy.proxy.lookup import UpstreamLookup
+
 log = structlog.get_logger(__name__)
 
 ROUTE_ID_PREFIX = "jarvis-deploy-route-"
@@ -68,9 +70,12 @@ def route_id(project: str) -> str:
     return f"{ROUTE_ID_PREFIX}{project}"
 
 
-def build_route(route_id: str, hosts: list[str], upstreams: list[str]) -> dict[str, Any]:
+def build_route(
+    route_id: str, hosts: list[str], upstreams: list[str], lookup: UpstreamLookup | None = None
+) -> dict[str, Any]:
     """Build the JSON of a route that proxies requests for `hosts` to `upstreams` (`host:port` each).
 
+    With `lookup`, the route lists no upstreams and Caddy looks them up through the upstream resolver.
     Raises ValueError on an invalid route id, an empty host list or an invalid upstream list.
     """
     check_route_id(route_id)
@@ -79,16 +84,19 @@ def build_route(route_id: str, hosts: list[str], upstreams: list[str]) -> dict[s
             f"route {route_id!r} has no hosts. Give at least one, because a route without a host matcher takes every request"
         )
     check_upstreams(upstreams)
+
+    handler: dict[str, Any] = {"handler": "reverse_proxy"}
+    if lookup is None:
+        handler["upstreams"] = upstream_objects(upstreams)
+    else:
+        # No static upstreams as a fallback: after a switch they would name removed containers. While
+        # the resolver is unreachable, Caddy looks up again on each try for TRY_DURATION.
+        handler["dynamic_upstreams"] = lookup.caddy_json()
+    handler["load_balancing"] = {"try_duration": TRY_DURATION, "try_interval": TRY_INTERVAL}
     return {
         "@id": route_id,
         "match": [{"host": list(hosts)}],
-        "handle": [
-            {
-                "handler": "reverse_proxy",
-                "upstreams": upstream_objects(upstreams),
-                "load_balancing": {"try_duration": TRY_DURATION, "try_interval": TRY_INTERVAL},
-            }
-        ],
+        "handle": [handler],
         "terminal": True,
     }
 
@@ -187,9 +195,11 @@ class CaddyClient:
         async with self._lock:
             await self._ensure_server()
 
-    async def apply_route(self, route_id: str, hosts: list[str], upstreams: list[str]) -> None:
+    async def apply_route(
+        self, route_id: str, hosts: list[str], upstreams: list[str], lookup: UpstreamLookup | None = None
+    ) -> None:
         """Create the route, or replace the route with this id in place. A repeated call with the same values changes nothing."""
-        route = build_route(route_id, hosts, upstreams)
+        route = build_route(route_id, hosts, upstreams, lookup)
         started = time.perf_counter()
 
         async with self._lock:
@@ -208,6 +218,7 @@ class CaddyClient:
             route_id=route_id,
             hosts=list(hosts),
             upstream_count=len(upstreams),
+            lookup=lookup.name if lookup else None,
             created=not replaced,
             duration_ms=elapsed_ms(started),
         )
@@ -239,17 +250,26 @@ class CaddyClient:
             duration_ms=elapsed_ms(started),
         )
 
-    async def get_upstreams(self, route_id: str) -> list[str] | None:
-        """Return the dial addresses of the route, or None when Caddy has no route with this id."""
+    async def get_route(self, route_id: str) -> dict[str, Any] | None:
+        """Return the route's JSON, or None when Caddy has no route with this id."""
         check_route_id(route_id)
-        path = f"/id/{route_id}/handle/0/upstreams"
+        path = f"/id/{route_id}"
         async with self._lock:
             response = await self._request("GET", path)
         if response.status_code == 404:
             return None
         self._raise_for_status("GET", path, response)
-        upstreams = response.json() or []
-        return [upstream["dial"] for upstream in upstreams]
+        return response.json()
+
+    async def get_upstreams(self, route_id: str) -> list[str] | None:
+        """Return the dial addresses the route lists, or None when Caddy has no route with this id.
+
+        A route that finds its upstreams through a lookup lists none.
+        """
+        route = await self.get_route(route_id)
+        if route is None:
+            return None
+        return [upstream["dial"] for upstream in route["handle"][0].get("upstreams") or []]
 
     async def delete_route(self, route_id: str) -> None:
         """Delete every copy of the route. A route that does not exist is not an error."""

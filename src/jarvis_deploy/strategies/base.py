@@ -23,6 +23,7 @@ from jarvis_deploy.engine.translate import (
     container_config,
     inject_secrets,
 )
+from jarvis_deploy.proxy.addresses import next_upstream_address
 from jarvis_deploy.proxy.routes import TrafficRouter
 
 logger = structlog.get_logger(__name__)
@@ -113,6 +114,10 @@ class RunOptions:
     # network until they have drained. Without it, caddy-docker-proxy routes to whatever is on the
     # network, so old containers leave it before they drain.
     admin_api: bool
+    # Loopback network that gives each routed container an address of its own, so all upstreams
+    # of a project share the port and Caddy can find them by a lookup. None publishes on
+    # 127.0.0.1 with a port that Docker picks.
+    upstream_address_range: str | None = None
 
     @property
     def defer_proxy_network(self) -> bool:
@@ -232,6 +237,9 @@ async def start_replica(run: DeploymentRun, replica: int, color: str | None = No
     deferred: list[NetworkAttachment] = []
     if run.routed and run.options.defer_proxy_network:
         container_plan, deferred = _defer_network(container_plan, run.options.proxy_network)
+    if run.routed and run.options.upstream_mode == "loopback" and run.options.upstream_address_range and run.router:
+        address = await next_upstream_address(run.router.sessionmaker, run.options.upstream_address_range)
+        _publish_on(container_plan, run.plan.port, address)
 
     container_id = await run.engine.create_container(name, container_plan)
     run.created.append(container_id)
@@ -240,6 +248,13 @@ async def start_replica(run: DeploymentRun, replica: int, color: str | None = No
     await run.record("started", f"container {name} started", None)
     logger.info("container.started", deployment_id=str(plan.deployment_id), container=name, container_id=container_id)
     return NewContainer(container_id, name, deferred)
+
+
+def _publish_on(container_plan: ContainerPlan, port: int, address: str) -> None:
+    """Publish the container's `port` on `address` with the same port number, in place of a port Docker picks."""
+    bindings = container_plan.body["HostConfig"].setdefault("PortBindings", {})
+    bindings[f"{port}/tcp"] = [{"HostIp": address, "HostPort": str(port)}]
+    container_plan.body.setdefault("ExposedPorts", {})[f"{port}/tcp"] = {}
 
 
 # Docker 20.10 releases a stopped container's published ports shortly after `stop` returns, so a
@@ -287,7 +302,9 @@ async def upstream_of(run: DeploymentRun, container_id: str) -> str:
         bindings = ((info.get("NetworkSettings") or {}).get("Ports") or {}).get(f"{port}/tcp") or []
         for binding in bindings:
             if binding.get("HostPort"):
-                return f"127.0.0.1:{binding['HostPort']}"
+                host = binding.get("HostIp") or ""
+                host = host if host.startswith("127.") else "127.0.0.1"
+                return f"{host}:{binding['HostPort']}"
         raise DeploymentFailed(f"container {info.get('Name', '').lstrip('/')} has no published port for {port}/tcp")
     return f"{info['Name'].lstrip('/')}:{port}"
 

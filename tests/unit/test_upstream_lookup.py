@@ -1,0 +1,183 @@
+"""Lookup names, the routes that name them, loopback addresses, and the resolver's DNS responses."""
+
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import pytest
+
+from jarvis_deploy.config import Settings
+from jarvis_deploy.proxy.addresses import address_at
+from jarvis_deploy.proxy.caddy import build_route
+from jarvis_deploy.proxy.lookup import UpstreamLookup, common_port, lookup_name, parse_lookup_name
+from jarvis_deploy.proxy.resolver import UpstreamTable, answer
+
+
+def test_lookup_name_round_trip() -> None:
+    name = lookup_name("shop_2-a", 8080, "0123abcd")
+
+    assert name == "shop_2-a.p8080.0123abcd.upstreams.jarvis.internal."
+    assert parse_lookup_name(name) == ("shop_2-a", 8080, "0123abcd")
+    assert parse_lookup_name(name.upper()) == ("shop_2-a", 8080, "0123abcd")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "shop.p8080.i1.example.com.",
+        "shop.p8080.upstreams.jarvis.internal.",
+        "a.shop.p8080.i1.upstreams.jarvis.internal.",
+        "shop.8080.i1.upstreams.jarvis.internal.",
+        "shop.p0.i1.upstreams.jarvis.internal.",
+        "shop.p65536.i1.upstreams.jarvis.internal.",
+        "shop.px.i1.upstreams.jarvis.internal.",
+        "upstreams.jarvis.internal.",
+    ],
+)
+def test_parse_lookup_name_rejects(name: str) -> None:
+    assert parse_lookup_name(name) is None
+
+
+@pytest.mark.parametrize(
+    ("upstreams", "port"),
+    [
+        (["127.77.0.1:8080"], 8080),
+        (["127.77.0.1:8080", "127.77.0.2:8080"], 8080),
+        (["127.77.0.1:8080", "127.77.0.2:9090"], None),
+        (["127.0.0.1:49153", "127.0.0.1:49154"], None),
+        (["shop-v1-1:8080"], None),
+        (["[::1]:8080"], None),
+        ([], None),
+    ],
+)
+def test_common_port(upstreams: list[str], port: int | None) -> None:
+    assert common_port(upstreams) == port
+
+
+def test_route_with_lookup_lists_no_upstreams() -> None:
+    lookup = UpstreamLookup(lookup_name("shop", 8080, "i1"), 8080, 0.02, "127.0.0.1:5353")
+
+    route = build_route("jarvis-deploy-route-shop", ["shop.test"], ["127.77.0.1:8080"], lookup)
+
+    handler = route["handle"][0]
+    assert "upstreams" not in handler
+    assert handler["dynamic_upstreams"] == {
+        "source": "a",
+        "name": "shop.p8080.i1.upstreams.jarvis.internal.",
+        "port": "8080",
+        "refresh": "20ms",
+        "resolver": {"addresses": ["udp/127.0.0.1:5353"]},
+    }
+
+
+def test_route_without_lookup_lists_upstreams() -> None:
+    route = build_route("jarvis-deploy-route-shop", ["shop.test"], ["127.0.0.1:49153"])
+
+    assert route["handle"][0]["upstreams"] == [{"dial": "127.0.0.1:49153"}]
+    assert "dynamic_upstreams" not in route["handle"][0]
+
+
+def test_lookup_with_ipv6_resolver() -> None:
+    lookup = UpstreamLookup("x.", 80, 1.5, "[::1]:5353")
+
+    assert lookup.caddy_json()["resolver"] == {"addresses": ["udp/[::1]:5353"]}
+    assert lookup.caddy_json()["refresh"] == "1500ms"
+
+
+def test_address_at_wraps_within_network() -> None:
+    assert address_at("127.77.0.0/16", 1) == "127.77.0.1"
+    assert address_at("127.77.0.0/16", 65534) == "127.77.255.254"
+    assert address_at("127.77.0.0/16", 65535) == "127.77.0.1"
+    assert address_at("127.77.0.0/30", 3) == "127.77.0.1"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("upstream_resolver", "localhost:5353"),
+        ("upstream_resolver", "127.0.0.1"),
+        ("upstream_resolver", "127.0.0.1:70000"),
+        ("upstream_address_range", "10.0.0.0/16"),
+        ("upstream_address_range", "127.77.0.1/32"),
+        ("upstream_address_range", "not a network"),
+    ],
+)
+def test_settings_reject_invalid_resolver_values(field: str, value: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        Settings(**{field: value})
+
+
+def test_resolved_upstreams_needs_loopback_mode() -> None:
+    assert Settings(upstream_resolver="127.0.0.1:5353", upstream_mode="loopback").resolved_upstreams
+    assert not Settings(upstream_resolver="127.0.0.1:5353", upstream_mode="network").resolved_upstreams
+    assert not Settings(upstream_resolver="", upstream_mode="loopback").resolved_upstreams
+
+
+class FixedTable(UpstreamTable):
+    """Table with fixed contents in place of the database."""
+
+    def __init__(self, routes: dict[tuple[str, int], list[str] | None], fail: bool = False) -> None:
+        self.routes = routes
+        self.fail = fail
+
+    async def addresses(self, project: str, port: int) -> list[str] | None:
+        if self.fail:
+            raise LookupError("no database")
+        return self.routes.get((project, port))
+
+
+async def ask(table: UpstreamTable, name: str, rdtype: dns.rdatatype.RdataType = dns.rdatatype.A) -> dns.message.Message:
+    wire = await answer(table, "i1", dns.message.make_query(name, rdtype).to_wire())
+    assert wire is not None
+    return dns.message.from_wire(wire)
+
+
+async def test_answer_returns_addresses() -> None:
+    table = FixedTable({("shop", 8080): ["127.77.0.1", "127.77.0.2"]})
+
+    response = await ask(table, lookup_name("shop", 8080, "i1"))
+
+    assert response.rcode() == dns.rcode.NOERROR
+    assert response.flags & dns.flags.AA
+    assert sorted(item.address for item in response.answer[0]) == ["127.77.0.1", "127.77.0.2"]
+    assert response.answer[0].ttl == 0
+
+
+async def test_answer_unknown_project_is_nxdomain() -> None:
+    response = await ask(FixedTable({}), lookup_name("shop", 8080, "i1"))
+
+    assert response.rcode() == dns.rcode.NXDOMAIN
+    assert response.answer == []
+
+
+async def test_answer_aaaa_has_no_records() -> None:
+    response = await ask(FixedTable({("shop", 8080): ["127.77.0.1"]}), lookup_name("shop", 8080, "i1"), dns.rdatatype.AAAA)
+
+    assert response.rcode() == dns.rcode.NOERROR
+    assert response.answer == []
+
+
+async def test_answer_other_instance_is_nxdomain() -> None:
+    response = await ask(FixedTable({("shop", 8080): ["127.77.0.1"]}), lookup_name("shop", 8080, "i2"))
+
+    assert response.rcode() == dns.rcode.NXDOMAIN
+
+
+async def test_answer_refuses_names_outside_zone() -> None:
+    response = await ask(FixedTable({}), "example.com.")
+
+    assert response.rcode() == dns.rcode.REFUSED
+
+
+async def test_answer_without_database_is_servfail() -> None:
+    response = await ask(FixedTable({}, fail=True), lookup_name("shop", 8080, "i1"))
+
+    assert response.rcode() == dns.rcode.SERVFAIL
+
+
+async def test_answer_ignores_garbage_and_responses() -> None:
+    table = FixedTable({})
+    response = dns.message.make_response(dns.message.make_query("x.", dns.rdatatype.A))
+
+    assert await answer(table, "i1", b"\x00\x01garbage") is None
+    assert await answer(table, "i1", response.to_wire()) is None
