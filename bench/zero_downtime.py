@@ -620,7 +620,7 @@ def print_scenario(result: ScenarioResult) -> None:
             ("healthy -> switched (event times)", [record.healthy_to_switched_ms for record in deployments]),
             ("'ms after healthy' in the switched message", [record.switched_message_ms for record in deployments]),
             (
-                "switched duration_ms (route row upsert, GET and PATCH to Caddy)",
+                "switched duration_ms (route row upsert, then the PATCH to Caddy or the resolver check and refresh wait)",
                 [record.switch_duration_ms for record in deployments],
             ),
             ("POST -> succeeded", [record.total_ms for record in deployments]),

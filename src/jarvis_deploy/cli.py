@@ -88,7 +88,6 @@ def worker() -> None:
 def resolver() -> None:
     """Answer Caddy's upstream lookups on JARVIS_UPSTREAM_RESOLVER (UDP) from the database."""
     from jarvis_deploy.config import get_settings, parse_host_port
-    from jarvis_deploy.db.session import create_engine, create_sessionmaker
     from jarvis_deploy.logging_config import configure_logging
     from jarvis_deploy.proxy.resolver import serve
 
@@ -99,15 +98,8 @@ def resolver() -> None:
     configure_logging(settings.log_level, settings.log_json)
     host, port = parse_host_port(settings.upstream_resolver, "upstream_resolver")
 
-    async def run() -> None:
-        engine = create_engine(settings.database_url)
-        try:
-            await serve(create_sessionmaker(engine), settings.instance_id, host, port)
-        finally:
-            await engine.dispose()
-
     try:
-        asyncio.run(run())
+        asyncio.run(serve(settings.database_url, settings.instance_id, host, port))
     except KeyboardInterrupt:
         pass
     except OSError as error:

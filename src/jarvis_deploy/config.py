@@ -65,7 +65,7 @@ class Settings(BaseSettings):
         ),
     )
     upstream_lookup_refresh: float = Field(
-        0.02,
+        0.01,
         gt=0,
         le=60,
         description=(

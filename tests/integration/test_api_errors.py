@@ -144,6 +144,29 @@ async def test_body_that_is_not_json_names_the_body(client):
     assert "character" in error["message"]
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("port", "8080"), ("port", 8080.0), ("port", True), ("host_port", "18080"), ("replicas", "2"), ("parallelism", 1.0)],
+)
+async def test_integer_fields_accept_only_json_integers(client, project, field, value):
+    body = {"project_id": project["id"], "image_ref": "localhost:5000/jarvis-testapp:v1", "port": 8080, field: value}
+    response = await client.post("/api/jarvis/deployments/deploy", json=body)
+
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"][0]["field"] == f"body.{field}"
+    assert "integer" in response.json()["errors"][0]["message"]
+
+
+@pytest.mark.parametrize("value", ["1", 30.0, False])
+async def test_health_check_integers_are_strict(client, project, value):
+    healthcheck = {"type": "http", "path": "/", "retries": value}
+    body = {"project_id": project["id"], "image_ref": "localhost:5000/jarvis-testapp:v1", "port": 8080, "healthcheck": healthcheck}
+    response = await client.post("/api/jarvis/deployments/deploy", json=body)
+
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"][0]["field"] == "body.healthcheck.retries"
+
+
 @pytest.mark.parametrize("value", ["yes", 1, "true", 0, None])
 async def test_force_accepts_only_json_booleans(client, project, value):
     body = {"project_id": project["id"], "image_ref": "localhost:5000/jarvis-testapp:v1", "port": 8080, "force": value}

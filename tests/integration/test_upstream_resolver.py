@@ -1,21 +1,32 @@
 """The upstream resolver process against the test database, and switches that keep client connections open."""
 
+import asyncio
 import http.client
+import time
 import uuid
 
+import asyncpg
 import httpx
-import pytest
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.engine import make_url
 
-from jarvis_deploy.db.session import create_sessionmaker
 from jarvis_deploy.proxy.caddy import route_id
 from jarvis_deploy.proxy.lookup import lookup_name, query_addresses
-from jarvis_deploy.proxy.resolver import UpstreamTable
+from jarvis_deploy.proxy.resolver import UpstreamTable, follow_routes
 from jarvis_deploy.proxy.routes import TrafficRouter
 from tests.caddy import free_port, route_upstreams
 from tests.conftest import app_image, wait_for_status
 
 HEALTH = {"type": "http", "path": "/cgi-bin/health", "interval": 0.2, "timeout": 1, "retries": 10}
+
+
+async def resolved(resolver: str, name: str, expected: list[str] | None, timeout: float = 5.0) -> list[str] | None:
+    """Query until the resolver returns `expected` or `timeout` passes; returns the last result."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await query_addresses(resolver, name)
+        if result == expected or time.monotonic() > deadline:
+            return result
+        await asyncio.sleep(0.02)
 
 
 async def test_resolver_follows_stored_route(context, settings, project, upstream_resolver) -> None:
@@ -26,40 +37,71 @@ async def test_resolver_follows_stored_route(context, settings, project, upstrea
     assert await query_addresses(upstream_resolver, name_8080) is None
 
     await router.switch(project_id, name, ["r.test"], ["127.77.200.2:8080", "127.77.200.1:8080"], None)
-    assert await query_addresses(upstream_resolver, name_8080) == ["127.77.200.1", "127.77.200.2"]
+    assert await resolved(upstream_resolver, name_8080, ["127.77.200.1", "127.77.200.2"]) == ["127.77.200.1", "127.77.200.2"]
     assert await query_addresses(upstream_resolver, lookup_name(name, 9090, settings.instance_id)) is None
     assert await query_addresses(upstream_resolver, lookup_name(name, 8080, "other-instance")) is None
 
     await router.switch(project_id, name, ["r.test"], ["127.77.200.3:8080"], None)
-    assert await query_addresses(upstream_resolver, name_8080) == ["127.77.200.3"]
+    assert await resolved(upstream_resolver, name_8080, ["127.77.200.3"]) == ["127.77.200.3"]
 
     # Upstreams on several ports cannot be one A lookup, so the name stops resolving.
     await router.switch(project_id, name, ["r.test"], ["127.0.0.1:40001", "127.0.0.1:40002"], None)
-    assert await query_addresses(upstream_resolver, name_8080) is None
+    assert await resolved(upstream_resolver, name_8080, None) is None
 
     await router.switch(project_id, name, ["r.test"], ["127.77.200.4:8080"], None)
+    assert await resolved(upstream_resolver, name_8080, ["127.77.200.4"]) == ["127.77.200.4"]
     await router.remove(project_id, name)
-    assert await query_addresses(upstream_resolver, name_8080) is None
+    assert await resolved(upstream_resolver, name_8080, None) is None
 
 
-async def test_table_keeps_last_answer_without_database(context, project) -> None:
+async def wait_for_table(table: UpstreamTable, project: str, expected: list[str] | None, timeout: float = 5.0) -> list[str] | None:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = table.addresses(project, 8080) if table.loaded else "not loaded"
+        if result == expected or time.monotonic() > deadline:
+            return result
+        await asyncio.sleep(0.02)
+
+
+async def test_table_follows_notifications(context, project) -> None:
+    """With the periodic read an hour apart, only NOTIFY can bring the switches into the table."""
+    router = TrafficRouter(context.sessionmaker, None)
+    project_id, name = uuid.UUID(project["id"]), project["name"]
+    table = UpstreamTable()
+    follower = asyncio.create_task(follow_routes(table, context.settings.database_url, reload_seconds=3600))
+
+    try:
+        assert await wait_for_table(table, name, None) is None
+        for last_octet in range(1, 4):
+            address = f"127.77.202.{last_octet}"
+            await router.switch(project_id, name, ["r.test"], [f"{address}:8080"], None)
+            assert await wait_for_table(table, name, [address]) == [address]
+        await router.remove(project_id, name)
+        assert await wait_for_table(table, name, None) is None
+    finally:
+        follower.cancel()
+        await router.remove(project_id, name)
+
+
+async def test_table_keeps_routes_without_database(context, project) -> None:
     router = TrafficRouter(context.sessionmaker, None)
     project_id = uuid.UUID(project["id"])
     await router.switch(project_id, project["name"], ["r.test"], ["127.77.201.1:8080"], None)
-    table = UpstreamTable(context.sessionmaker)
-    assert await table.addresses(project["name"], 8080) == ["127.77.201.1"]
-
-    # A database URL on a port where nothing listens replaces a database that went away.
-    unreachable = create_async_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/none")
-    table.sessionmaker = create_sessionmaker(unreachable)
+    table = UpstreamTable()
+    connection = await asyncpg.connect(make_url(context.settings.database_url).set(drivername="postgresql").render_as_string(hide_password=False))
     try:
-        assert await table.addresses(project["name"], 8080) == ["127.77.201.1"]
-        with pytest.raises(LookupError):
-            await table.addresses("never-asked", 8080)
+        await table.reload(connection)
     finally:
-        await unreachable.dispose()
+        await connection.close()
         # The worker would otherwise put this stored route into Caddy, a reload that other tests would notice.
         await router.remove(project_id, project["name"])
+    assert table.addresses(project["name"], 8080) == ["127.77.201.1"]
+
+    # A database URL on a port where nothing listens replaces a database that went away.
+    follower = asyncio.create_task(follow_routes(table, f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/none"))
+    await asyncio.sleep(0.5)
+    follower.cancel()
+    assert table.addresses(project["name"], 8080) == ["127.77.201.1"]
 
 
 def send_on(connection: http.client.HTTPConnection, host: str) -> str:

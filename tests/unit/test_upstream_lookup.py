@@ -113,29 +113,36 @@ def test_resolved_upstreams_needs_loopback_mode() -> None:
     assert not Settings(upstream_resolver="", upstream_mode="loopback").resolved_upstreams
 
 
-class FixedTable(UpstreamTable):
-    """Table with fixed contents in place of the database."""
-
-    def __init__(self, routes: dict[tuple[str, int], list[str] | None], fail: bool = False) -> None:
-        self.routes = routes
-        self.fail = fail
-
-    async def addresses(self, project: str, port: int) -> list[str] | None:
-        if self.fail:
-            raise LookupError("no database")
-        return self.routes.get((project, port))
+def table_of(routes: dict[str, list[str]]) -> UpstreamTable:
+    table = UpstreamTable()
+    table.replace(routes)
+    return table
 
 
-async def ask(table: UpstreamTable, name: str, rdtype: dns.rdatatype.RdataType = dns.rdatatype.A) -> dns.message.Message:
-    wire = await answer(table, "i1", dns.message.make_query(name, rdtype).to_wire())
+def ask(table: UpstreamTable, name: str, rdtype: dns.rdatatype.RdataType = dns.rdatatype.A) -> dns.message.Message:
+    wire = answer(table, "i1", dns.message.make_query(name, rdtype).to_wire())
     assert wire is not None
     return dns.message.from_wire(wire)
 
 
-async def test_answer_returns_addresses() -> None:
-    table = FixedTable({("shop", 8080): ["127.77.0.1", "127.77.0.2"]})
+def test_table_addresses_by_port() -> None:
+    table = table_of({"shop": ["127.77.0.2:8080", "127.77.0.1:8080"], "mixed": ["127.77.0.3:8080", "127.77.0.4:9090"]})
 
-    response = await ask(table, lookup_name("shop", 8080, "i1"))
+    assert table.addresses("shop", 8080) == ["127.77.0.1", "127.77.0.2"]
+    assert table.addresses("shop", 9090) is None
+    assert table.addresses("mixed", 8080) is None
+    assert table.addresses("absent", 8080) is None
+
+
+def test_table_before_first_read_raises() -> None:
+    with pytest.raises(LookupError):
+        UpstreamTable().addresses("shop", 8080)
+
+
+def test_answer_returns_addresses() -> None:
+    table = table_of({"shop": ["127.77.0.1:8080", "127.77.0.2:8080"]})
+
+    response = ask(table, lookup_name("shop", 8080, "i1"))
 
     assert response.rcode() == dns.rcode.NOERROR
     assert response.flags & dns.flags.AA
@@ -143,41 +150,41 @@ async def test_answer_returns_addresses() -> None:
     assert response.answer[0].ttl == 0
 
 
-async def test_answer_unknown_project_is_nxdomain() -> None:
-    response = await ask(FixedTable({}), lookup_name("shop", 8080, "i1"))
+def test_answer_unknown_project_is_nxdomain() -> None:
+    response = ask(table_of({}), lookup_name("shop", 8080, "i1"))
 
     assert response.rcode() == dns.rcode.NXDOMAIN
     assert response.answer == []
 
 
-async def test_answer_aaaa_has_no_records() -> None:
-    response = await ask(FixedTable({("shop", 8080): ["127.77.0.1"]}), lookup_name("shop", 8080, "i1"), dns.rdatatype.AAAA)
+def test_answer_aaaa_has_no_records() -> None:
+    response = ask(table_of({"shop": ["127.77.0.1:8080"]}), lookup_name("shop", 8080, "i1"), dns.rdatatype.AAAA)
 
     assert response.rcode() == dns.rcode.NOERROR
     assert response.answer == []
 
 
-async def test_answer_other_instance_is_nxdomain() -> None:
-    response = await ask(FixedTable({("shop", 8080): ["127.77.0.1"]}), lookup_name("shop", 8080, "i2"))
+def test_answer_other_instance_is_nxdomain() -> None:
+    response = ask(table_of({"shop": ["127.77.0.1:8080"]}), lookup_name("shop", 8080, "i2"))
 
     assert response.rcode() == dns.rcode.NXDOMAIN
 
 
-async def test_answer_refuses_names_outside_zone() -> None:
-    response = await ask(FixedTable({}), "example.com.")
+def test_answer_refuses_names_outside_zone() -> None:
+    response = ask(table_of({}), "example.com.")
 
     assert response.rcode() == dns.rcode.REFUSED
 
 
-async def test_answer_without_database_is_servfail() -> None:
-    response = await ask(FixedTable({}, fail=True), lookup_name("shop", 8080, "i1"))
+def test_answer_without_database_is_servfail() -> None:
+    response = ask(UpstreamTable(), lookup_name("shop", 8080, "i1"))
 
     assert response.rcode() == dns.rcode.SERVFAIL
 
 
-async def test_answer_ignores_garbage_and_responses() -> None:
-    table = FixedTable({})
+def test_answer_ignores_garbage_and_responses() -> None:
+    table = table_of({})
     response = dns.message.make_response(dns.message.make_query("x.", dns.rdatatype.A))
 
-    assert await answer(table, "i1", b"\x00\x01garbage") is None
-    assert await answer(table, "i1", response.to_wire()) is None
+    assert answer(table, "i1", b"\x00\x01garbage") is None
+    assert answer(table, "i1", response.to_wire()) is None

@@ -14,6 +14,7 @@ from pydantic import (
     SecretStr,
     Strict,
     StrictBool,
+    StrictInt,
     StrictStr,
     ValidationInfo,
     field_validator,
@@ -70,17 +71,17 @@ class HealthCheck(BaseModel):
     type: Literal["http", "tcp"] = Field("http", description="`http` sends GET `path`; `tcp` only connects.")
     path: str = Field("/", description="Request path of the HTTP probe.", max_length=2048)
     host: str | None = Field(None, description="Host header of the HTTP probe.", max_length=253)
-    status_min: int = Field(200, ge=100, le=599, description="Lowest HTTP status that counts as healthy.")
-    status_max: int = Field(399, ge=100, le=599, description="Highest HTTP status that counts as healthy.")
+    status_min: StrictInt = Field(200, ge=100, le=599, description="Lowest HTTP status that counts as healthy.")
+    status_max: StrictInt = Field(399, ge=100, le=599, description="Highest HTTP status that counts as healthy.")
     interval: float = Field(1.0, ge=0.05, le=300, description="Seconds between two probes.")
     timeout: float = Field(2.0, gt=0, le=300, description="Seconds one probe may take.")
-    retries: int = Field(
+    retries: StrictInt = Field(
         30, ge=1, le=10000, description="Consecutive failed probes, after the start period, that mark the container unhealthy."
     )
     start_period: float = Field(
         0, ge=0, le=3600, description="Seconds after start during which failed probes do not count."
     )
-    successes: int = Field(1, ge=1, le=100, description="Consecutive passed probes needed to count as healthy.")
+    successes: StrictInt = Field(1, ge=1, le=100, description="Consecutive passed probes needed to count as healthy.")
 
     @field_validator("path")
     @classmethod
@@ -185,8 +186,8 @@ class DeployRequest(BaseModel):
         max_length=512,
         description="Image reference: `[registry[:port]/]repository[:tag][@digest]`.",
     )
-    port: int = Field(..., ge=1, le=65535, description="Port the application listens on inside the container.")
-    host_port: int | None = Field(
+    port: StrictInt = Field(..., ge=1, le=65535, description="Port the application listens on inside the container.")
+    host_port: StrictInt | None = Field(
         None, ge=1, le=65535, description="Host port of the direct mapping when there is no domain; defaults to `port`."
     )
     domain: list[str] | str | None = Field(
@@ -215,8 +216,8 @@ class DeployRequest(BaseModel):
         description="Extra Docker networks to attach the container to, at most 20, each name at most 128 characters.",
     )
     strategy: Strategy = Strategy.RECREATE
-    replicas: int = Field(1, ge=1, le=20, description="Number of containers to run.")
-    parallelism: int = Field(
+    replicas: StrictInt = Field(1, ge=1, le=20, description="Number of containers to run.")
+    parallelism: StrictInt = Field(
         1, ge=1, le=20, description="Rolling strategy: containers replaced per batch."
     )
     healthcheck: HealthCheck | None = Field(

@@ -23,6 +23,8 @@ from jarvis_deploy.config import parse_host_port
 
 # `.internal` is reserved for private use (ICANN, 2024), so no public name can collide with these.
 ZONE = "upstreams.jarvis.internal."
+# PostgreSQL NOTIFY channel on which a committed change of a project's upstreams is announced.
+UPSTREAMS_CHANNEL = "jarvis_upstreams"
 
 
 class ResolverUnavailable(Exception):

@@ -1,13 +1,17 @@
 """DNS server that answers Caddy's upstream lookups with the addresses stored for each project's route.
 
-It reads the database on every A query, so the answer changes as soon as a switch commits. When
-the database fails it returns the last answer it gave for the name, so Caddy keeps routing to
-the live containers through a database outage; it retries the database after RETRY_SECONDS.
+It keeps every route's upstreams in memory and answers from there, because Caddy holds one lock
+over all its A lookups while it waits for an answer. The table is read again from the database
+whenever a switch commits (PostgreSQL NOTIFY on UPSTREAMS_CHANNEL) and every RELOAD_SECONDS in
+case a notification was missed. While the database is down, the last table read stays in use, so
+Caddy keeps routing to the live containers.
 """
 
 import asyncio
-import time
+import contextlib
+import json
 
+import asyncpg
 import dns.exception
 import dns.flags
 import dns.message
@@ -16,64 +20,63 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import structlog
-from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.engine import make_url
 
-from jarvis_deploy.db.models import Project, ProxyRoute
-from jarvis_deploy.proxy.lookup import ZONE, common_port, parse_lookup_name
+from jarvis_deploy.proxy.lookup import (
+    UPSTREAMS_CHANNEL,
+    ZONE,
+    common_port,
+    parse_lookup_name,
+)
 
 logger = structlog.get_logger(__name__)
 
-# Caddy holds one lock for all its A lookups while it waits for an answer, so a slow database
-# must not delay every answer: a query gives up on it after DATABASE_TIMEOUT seconds.
-DATABASE_TIMEOUT = 0.5
-RETRY_SECONDS = 1.0
+RELOAD_SECONDS = 1.0
+# Seconds to wait before connecting again after the database connection failed.
+RECONNECT_SECONDS = 1.0
+ROUTES_QUERY = "SELECT p.name, r.upstreams FROM proxy_routes r JOIN projects p ON p.id = r.project_id"
 
 
 class UpstreamTable:
-    """Addresses of each project's live upstreams, read from the proxy_routes table."""
+    """Upstreams of every project's route, by project name, as last read from the database."""
 
-    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
-        self.sessionmaker = sessionmaker
-        self._last: dict[tuple[str, int], list[str] | None] = {}
-        self._retry_at = 0.0
+    def __init__(self) -> None:
+        self._routes: dict[str, list[str]] | None = None
 
-    async def addresses(self, project: str, port: int) -> list[str] | None:
+    @property
+    def loaded(self) -> bool:
+        return self._routes is not None
+
+    @property
+    def route_count(self) -> int:
+        return len(self._routes or {})
+
+    def replace(self, routes: dict[str, list[str]]) -> None:
+        self._routes = routes
+
+    def addresses(self, project: str, port: int) -> list[str] | None:
         """Return the IPv4 addresses of the project's upstreams on `port`, or None when it has none there.
 
-        Raises LookupError when the database fails and no earlier answer for the name exists.
+        Raises LookupError before the first successful read of the database.
         """
-        key = (project, port)
-        if time.monotonic() < self._retry_at:
-            return self._cached(key)
+        if self._routes is None:
+            raise LookupError("the upstream table has not been read from the database yet")
+        upstreams = self._routes.get(project)
+        if not upstreams or common_port(upstreams) != port:
+            return None
+        return sorted(upstream.rpartition(":")[0] for upstream in upstreams)
 
-        try:
-            async with asyncio.timeout(DATABASE_TIMEOUT):
-                upstreams = await self._read(project)
-        except (SQLAlchemyError, OSError, TimeoutError) as error:
-            self._retry_at = time.monotonic() + RETRY_SECONDS
-            logger.warning("resolver.database_failed", project=project, error=repr(error), retry_seconds=RETRY_SECONDS)
-            return self._cached(key)
-
-        addresses = None
-        if upstreams and common_port(upstreams) == port:
-            addresses = sorted(upstream.rpartition(":")[0] for upstream in upstreams)
-        self._last[key] = addresses
-        return addresses
-
-    def _cached(self, key: tuple[str, int]) -> list[str] | None:
-        if key not in self._last:
-            raise LookupError(f"database unavailable and no earlier response for project {key[0]!r} on port {key[1]}")
-        return self._last[key]
-
-    async def _read(self, project: str) -> list[str] | None:
-        async with self.sessionmaker() as session:
-            statement = select(ProxyRoute.upstreams).join(Project).where(Project.name == project)
-            return (await session.execute(statement)).scalar_one_or_none()
+    async def reload(self, connection: asyncpg.Connection) -> None:
+        rows = await connection.fetch(ROUTES_QUERY)
+        self.replace({row["name"]: _json_list(row["upstreams"]) for row in rows})
 
 
-async def answer(table: UpstreamTable, instance: str, wire: bytes) -> bytes | None:
+def _json_list(value: object) -> list[str]:
+    # asyncpg returns jsonb as text unless a codec is set.
+    return list(json.loads(value)) if isinstance(value, str) else list(value)  # type: ignore[arg-type]
+
+
+def answer(table: UpstreamTable, instance: str, wire: bytes) -> bytes | None:
     """Build the response to one DNS query, or return None for a message that is not a query.
 
     Names of another service `instance` get NXDOMAIN, since this database has no routes of theirs.
@@ -100,19 +103,18 @@ async def answer(table: UpstreamTable, instance: str, wire: bytes) -> bytes | No
         response.flags &= ~dns.flags.AA
         response.set_rcode(dns.rcode.REFUSED)
         return response.to_wire()
-    if question.rdtype != dns.rdatatype.A:
-        # Upstreams are IPv4 addresses only, so every other type has no records (NODATA).
-        return response.to_wire()
-
     project, port, name_instance = parsed
     if name_instance != instance:
         response.set_rcode(dns.rcode.NXDOMAIN)
         return response.to_wire()
+    if question.rdtype != dns.rdatatype.A:
+        # Upstreams are IPv4 addresses only, so every other type has no records (NODATA).
+        return response.to_wire()
 
     try:
-        addresses = await table.addresses(project, port)
+        addresses = table.addresses(project, port)
     except LookupError as error:
-        logger.warning("resolver.no_answer", name=question.name.to_text(), error=str(error))
+        logger.warning("resolver.no_table", name=question.name.to_text(), error=str(error))
         response.set_rcode(dns.rcode.SERVFAIL)
         return response.to_wire()
     if addresses is None:
@@ -129,31 +131,60 @@ class ResolverProtocol(asyncio.DatagramProtocol):
         self.table = table
         self.instance = instance
         self.transport: asyncio.DatagramTransport | None = None
-        self.tasks: set[asyncio.Task] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, address: tuple) -> None:
-        task = asyncio.create_task(self._respond(data, address))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _respond(self, data: bytes, address: tuple) -> None:
-        response = await answer(self.table, self.instance, data)
+        response = answer(self.table, self.instance, data)
         if response is not None and self.transport is not None:
             self.transport.sendto(response, address)
 
 
-async def serve(sessionmaker: async_sessionmaker[AsyncSession], instance: str, host: str, port: int) -> None:
+async def follow_routes(table: UpstreamTable, database_url: str, reload_seconds: float = RELOAD_SECONDS) -> None:
+    """Keep `table` equal to the proxy_routes table: read it on every notification and every `reload_seconds`."""
+    dsn = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    changed = asyncio.Event()
+    failing = False
+
+    while True:
+        connection: asyncpg.Connection | None = None
+        try:
+            connection = await asyncpg.connect(dsn, timeout=5)
+            await connection.add_listener(UPSTREAMS_CHANNEL, lambda *_: changed.set())
+            while True:
+                changed.clear()
+                await table.reload(connection)
+                if failing:
+                    logger.info("resolver.database_back", routes=table.route_count)
+                    failing = False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), reload_seconds)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
+            if not failing:
+                logger.warning(
+                    "resolver.database_failed", error=repr(error), loaded=table.loaded, retry_seconds=RECONNECT_SECONDS
+                )
+            failing = True
+        finally:
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    await connection.close(timeout=1)
+        await asyncio.sleep(RECONNECT_SECONDS)
+
+
+async def serve(database_url: str, instance: str, host: str, port: int) -> None:
     """Answer the lookups of service `instance` on UDP `host:port` until cancelled."""
+    table = UpstreamTable()
+    follower = asyncio.create_task(follow_routes(table, database_url))
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_datagram_endpoint(
-        lambda: ResolverProtocol(UpstreamTable(sessionmaker), instance), local_addr=(host, port)
+        lambda: ResolverProtocol(table, instance), local_addr=(host, port)
     )
     logger.info("resolver.started", address=f"{host}:{port}", zone=ZONE, instance=instance)
     try:
         await asyncio.Future()
     finally:
         transport.close()
+        follower.cancel()
         logger.info("resolver.stopped", address=f"{host}:{port}")

@@ -5,7 +5,7 @@ import time
 import uuid
 
 import structlog
-from sqlalchemy import delete, select, text
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -19,6 +19,7 @@ from jarvis_deploy.proxy.caddy import (
     route_id,
 )
 from jarvis_deploy.proxy.lookup import (
+    UPSTREAMS_CHANNEL,
     ResolverUnavailable,
     UpstreamLookup,
     common_port,
@@ -40,7 +41,7 @@ class TrafficRouter:
         sessionmaker: async_sessionmaker[AsyncSession],
         caddy: CaddyClient | None,
         resolver: str = "",
-        lookup_refresh: float = 0.02,
+        lookup_refresh: float = 0.01,
         instance: str = "",
     ) -> None:
         self.sessionmaker = sessionmaker
@@ -93,6 +94,7 @@ class TrafficRouter:
                     set_={"hosts": hosts, "upstreams": upstreams, "deployment_id": deployment_id, "updated_at": text("now()")},
                 )
             )
+            await notify_resolvers(session, project)
             await session.commit()
 
         if self.caddy is not None and lookup is not None:
@@ -139,10 +141,16 @@ class TrafficRouter:
         """Delete the project's route, so no request reaches containers that are going away."""
         async with self.sessionmaker() as session:
             await session.execute(delete(ProxyRoute).where(ProxyRoute.project_id == project_id))
+            await notify_resolvers(session, project)
             await session.commit()
         if self.caddy is not None:
             await self.caddy.delete_route(route_id(project))
         logger.info("route.removed", project=project)
+
+
+async def notify_resolvers(session: AsyncSession, project: str) -> None:
+    """Tell upstream resolvers that the project's upstreams change when this transaction commits."""
+    await session.execute(select(func.pg_notify(UPSTREAMS_CHANNEL, project)))
 
 
 async def reapply_routes(db_engine: AsyncEngine, router: TrafficRouter) -> int:
