@@ -22,6 +22,21 @@ def _alembic_config(database_url: str):
     return config
 
 
+def _settings():
+    """Return the settings, or exit with status 2 and one line per invalid variable."""
+    from pydantic import ValidationError
+
+    from jarvis_deploy.config import get_settings
+
+    try:
+        return get_settings()
+    except ValidationError as error:
+        for item in error.errors():
+            name = "JARVIS_" + "_".join(str(part) for part in item["loc"]).upper()
+            typer.echo(f"invalid {name}: {item['msg'].removeprefix('Value error, ')}", err=True)
+        raise typer.Exit(2) from None
+
+
 async def _create_database_if_missing(database_url: str) -> bool:
     import asyncpg
 
@@ -47,9 +62,7 @@ def migrate(
     """Apply all database migrations (alembic upgrade head)."""
     from alembic import command
 
-    from jarvis_deploy.config import get_settings
-
-    database_url = get_settings().database_url
+    database_url = _settings().database_url
     if create_database and asyncio.run(_create_database_if_missing(database_url)):
         typer.echo(f"created database {make_url(database_url).database}")
     command.upgrade(_alembic_config(database_url), "head")
@@ -64,6 +77,7 @@ def api(
     """Run the HTTP API."""
     import uvicorn
 
+    _settings()
     uvicorn.run(
         "jarvis_deploy.api.app:create_app_from_environment",
         factory=True,
@@ -79,6 +93,7 @@ def worker() -> None:
     """Run a worker that carries out queued deployments."""
     from arq.worker import run_worker
 
+    _settings()
     from workers.settings import WorkerSettings
 
     run_worker(WorkerSettings)  # type: ignore[arg-type]
@@ -87,13 +102,13 @@ def worker() -> None:
 @app.command()
 def resolver() -> None:
     """Answer Caddy's upstream lookups on JARVIS_UPSTREAM_RESOLVER (UDP) from the database."""
-    from jarvis_deploy.config import get_settings, parse_host_port
+    from jarvis_deploy.config import parse_host_port
     from jarvis_deploy.logging_config import configure_logging
     from jarvis_deploy.proxy.resolver import serve
 
-    settings = get_settings()
+    settings = _settings()
     if not settings.upstream_resolver:
-        typer.echo("JARVIS_UPSTREAM_RESOLVER is not set. Set it to the UDP address to listen on, such as 127.0.0.1:5353", err=True)
+        typer.echo("JARVIS_UPSTREAM_RESOLVER is not set. Set it to the UDP address to listen on, such as 127.0.0.1:8053", err=True)
         raise typer.Exit(2)
     configure_logging(settings.log_level, settings.log_json)
     host, port = parse_host_port(settings.upstream_resolver, "upstream_resolver")
@@ -112,10 +127,9 @@ app.add_typer(token_app, name="token")
 
 
 async def _with_session(work):
-    from jarvis_deploy.config import get_settings
     from jarvis_deploy.db.session import create_engine, create_sessionmaker
 
-    engine = create_engine(get_settings().database_url)
+    engine = create_engine(_settings().database_url)
     try:
         async with create_sessionmaker(engine)() as session:
             result = await work(session)

@@ -23,7 +23,7 @@ def parse_host_port(value: str, field: str) -> tuple[str, int]:
     except ValueError:
         number = 0
     if not separator or not 0 < number < 65536:
-        raise ValueError(f"{field} must be an IP address and port such as 127.0.0.1:5353, not {value!r}")
+        raise ValueError(f"{field} must be an IP address and port such as 127.0.0.1:8053, not {value!r}")
     return host, number
 
 
