@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts jarvis-deploy on this machine: installs it into .venv, makes sure the Docker Engine runs,
-# applies the migrations, then runs a worker, the API and, when JARVIS_UPSTREAM_RESOLVER is set, the
-# upstream resolver. Ctrl-C stops them all, and so does the exit of any one of them.
+# applies the migrations, then runs a worker and the API, and, when JARVIS_UPSTREAM_RESOLVER is set,
+# the upstream resolver. Ctrl-C stops the worker and the API, and so does the exit of either one;
+# the resolver keeps running.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -18,9 +19,21 @@ pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait "${pids[@]}" 2>/dev/null' EXIT
 trap 'exit 130' INT TERM
 
+# The resolver is on the request path, as Caddy is: it runs in a session of its own and stays up
+# when this script ends, so routed projects keep answering while the API and worker are down.
 if [[ -n "${JARVIS_UPSTREAM_RESOLVER:-}" ]]; then
-  "$JD" resolver &
-  pids+=($!)
+  mkdir -p "$ROOT/.run"
+  pid_file="$ROOT/.run/resolver.pid"
+  resolver_pid=$(cat "$pid_file" 2>/dev/null || true)
+  if [[ -n "$resolver_pid" ]] && tr '\0' ' ' < "/proc/$resolver_pid/cmdline" 2>/dev/null | grep -q "jarvis-deploy resolver"; then
+    echo "upstream resolver already running (pid $resolver_pid)"
+  else
+    setsid "$JD" resolver >>"$ROOT/.run/resolver.log" 2>&1 < /dev/null &
+    resolver_pid=$!
+    echo "$resolver_pid" > "$pid_file"
+    echo "upstream resolver on udp $JARVIS_UPSTREAM_RESOLVER (pid $resolver_pid, log .run/resolver.log);" \
+      "it keeps running after this script ends. Stop it with: kill $resolver_pid"
+  fi
 fi
 "$JD" worker &
 pids+=($!)

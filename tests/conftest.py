@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiodocker
@@ -80,9 +81,21 @@ def caddy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CaddyProcess]:
     process.stop()
 
 
+@dataclass
+class ResolverProcess:
+    address: str
+    process: subprocess.Popen
+
+
 @pytest.fixture(scope="session")
-def upstream_resolver(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A `jarvis-deploy resolver` process for the test database on a free UDP port; returns its address."""
+def upstream_resolver(resolver_process: ResolverProcess) -> str:
+    """Address of the test run's `jarvis-deploy resolver`."""
+    return resolver_process.address
+
+
+@pytest.fixture(scope="session")
+def resolver_process(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ResolverProcess]:
+    """A `jarvis-deploy resolver` process for the test database on a free UDP port."""
     address = f"127.0.0.1:{free_udp_port()}"
     log_path = tmp_path_factory.mktemp("resolver") / "resolver.log"
     with log_path.open("ab") as log:
@@ -95,7 +108,7 @@ def upstream_resolver(database_url: str, tmp_path_factory: pytest.TempPathFactor
         )
     try:
         wait_for_resolver(address, process, log_path)
-        yield address
+        yield ResolverProcess(address, process)
     finally:
         stop_process(process)
 

@@ -111,6 +111,11 @@ def resolver() -> None:
         typer.echo("JARVIS_UPSTREAM_RESOLVER is not set. Set it to the UDP address to listen on, such as 127.0.0.1:8053", err=True)
         raise typer.Exit(2)
     configure_logging(settings.log_level, settings.log_json)
+    if settings.upstream_mode != "loopback":
+        typer.echo(
+            f"warning: JARVIS_UPSTREAM_MODE is {settings.upstream_mode!r}; workers use the resolver only with `loopback`",
+            err=True,
+        )
     host, port = parse_host_port(settings.upstream_resolver, "upstream_resolver")
 
     try:

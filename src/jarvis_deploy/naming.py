@@ -14,6 +14,8 @@ LABEL_PROJECT = f"{LABEL_PREFIX}.project"
 LABEL_DEPLOYMENT = f"{LABEL_PREFIX}.deployment"
 LABEL_VERSION = f"{LABEL_PREFIX}.version"
 LABEL_COLOR = f"{LABEL_PREFIX}.color"
+# Loopback address a routed container publishes its port on, kept while the container is stopped.
+LABEL_UPSTREAM_ADDRESS = f"{LABEL_PREFIX}.upstream-address"
 # Which service instance (database) created the object, so instances sharing a Docker Engine never
 # clean up each other's containers.
 LABEL_INSTANCE = f"{LABEL_PREFIX}.instance"

@@ -157,14 +157,17 @@ async def test_integer_fields_accept_only_json_integers(client, project, field, 
     assert "integer" in response.json()["errors"][0]["message"]
 
 
-@pytest.mark.parametrize("value", ["1", 30.0, False])
-async def test_health_check_integers_are_strict(client, project, value):
-    healthcheck = {"type": "http", "path": "/", "retries": value}
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("retries", "1"), ("retries", 30.0), ("retries", False), ("interval", "0.5"), ("timeout", True), ("start_period", "5")],
+)
+async def test_health_check_numbers_are_strict(client, project, field, value):
+    healthcheck = {"type": "http", "path": "/", field: value}
     body = {"project_id": project["id"], "image_ref": "localhost:5000/jarvis-testapp:v1", "port": 8080, "healthcheck": healthcheck}
     response = await client.post("/api/jarvis/deployments/deploy", json=body)
 
     assert response.status_code == 422, response.text
-    assert response.json()["errors"][0]["field"] == "body.healthcheck.retries"
+    assert response.json()["errors"][0]["field"] == f"body.healthcheck.{field}"
 
 
 @pytest.mark.parametrize("value", ["yes", 1, "true", 0, None])

@@ -2,19 +2,25 @@
 
 import asyncio
 import http.client
+import os
+import signal
 import time
 import uuid
 
 import asyncpg
 import httpx
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
+from jarvis_deploy import naming
+from jarvis_deploy.proxy.addresses import address_at, next_upstream_address
 from jarvis_deploy.proxy.caddy import route_id
 from jarvis_deploy.proxy.lookup import lookup_name, query_addresses
 from jarvis_deploy.proxy.resolver import UpstreamTable, follow_routes
 from jarvis_deploy.proxy.routes import TrafficRouter
 from tests.caddy import free_port, route_upstreams
-from tests.conftest import app_image, wait_for_status
+from tests.conftest import TEST_LABEL, app_image, wait_for_status
+from tests.integration.test_deploy_flow import containers_of
 
 HEALTH = {"type": "http", "path": "/cgi-bin/health", "interval": 0.2, "timeout": 1, "retries": 10}
 
@@ -142,3 +148,70 @@ async def test_switch_keeps_client_connection_open(client, settings, project, ca
             assert len(upstreams) == 1
     finally:
         connection.close()
+
+
+async def wait_for_route(caddy, project: str, expected: list[str], timeout: float = 15.0) -> list[str] | None:
+    deadline = time.monotonic() + timeout
+    while True:
+        upstreams = await route_upstreams(caddy.admin_url, route_id(project))
+        if upstreams == expected or time.monotonic() > deadline:
+            return upstreams
+        await asyncio.sleep(0.2)
+
+
+async def test_failed_switch_gives_route_back(client, project, caddy, worker, resolver_process, docker) -> None:
+    """A switch whose resolver does not respond fails, and the stored route names the live version again."""
+    host = f"{project['name']}.back.test"
+    body = {"project_id": project["id"], "port": 8080, "domain": host, "strategy": "blue-green", "healthcheck": HEALTH}
+    first = (await client.post("/api/jarvis/deployments/deploy", json={**body, "image_ref": app_image("v1")})).json()
+    assert (await wait_for_status(client, first["id"], {"succeeded", "failed"}))["status"] == "succeeded"
+    live_route = await route_upstreams(caddy.admin_url, route_id(project["name"]))
+    assert live_route is not None
+
+    # A stopped process neither responds nor refuses, as a hung resolver would.
+    os.kill(resolver_process.process.pid, signal.SIGSTOP)
+    try:
+        second = (await client.post("/api/jarvis/deployments/deploy", json={**body, "image_ref": app_image("v2")})).json()
+        done = await wait_for_status(client, second["id"], {"succeeded", "failed", "rolled_back"})
+    finally:
+        os.kill(resolver_process.process.pid, signal.SIGCONT)
+
+    assert done["status"] == "failed", done
+    assert "resolver" in done["error"]
+    assert await wait_for_route(caddy, project["name"], live_route) == live_route
+    labels = [container._container["Labels"]["dev.jarvis-deploy.deployment"] for container in await containers_of(docker, project["name"])]
+    assert labels == [first["id"]]
+    connection = http.client.HTTPConnection("127.0.0.1", caddy.http_port, timeout=10)
+    try:
+        assert send_on(connection, host) == "v1"
+    finally:
+        connection.close()
+
+
+async def test_address_in_use_is_skipped(context, docker) -> None:
+    """A stopped container that carries an address keeps it: the next allocation passes over it."""
+    network = context.settings.upstream_address_range
+    async with context.sessionmaker() as session:
+        row = (await session.execute(text("SELECT last_value, is_called FROM upstream_address_seq"))).one()
+    upcoming = address_at(network, row.last_value + 1 if row.is_called else row.last_value)
+
+    container = await docker.containers.create(
+        {"Image": app_image("v1"), "Labels": {naming.LABEL_UPSTREAM_ADDRESS: upcoming, TEST_LABEL: "true"}},
+        name=f"address-holder-{uuid.uuid4().hex[:8]}",
+    )
+    try:
+        in_use = await context.engine.addresses_in_use(naming.LABEL_UPSTREAM_ADDRESS)
+        assert upcoming in in_use
+
+        address = await next_upstream_address(context.sessionmaker, network, in_use)
+        assert address is not None
+        assert address != upcoming
+    finally:
+        await container.delete(force=True)
+
+
+async def test_full_range_returns_none(context) -> None:
+    network = "127.77.255.252/30"
+    in_use = {address_at(network, number) for number in (1, 2)}
+
+    assert await next_upstream_address(context.sessionmaker, network, in_use) is None

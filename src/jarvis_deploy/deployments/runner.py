@@ -258,9 +258,20 @@ async def _run_locked(context: WorkerContext, deployment_id: uuid.UUID) -> str:
         await _end(context, run, DeploymentStatus.ROLLED_BACK, f"rolled back: {reason}")
         log.warning("deployment.rolled_back", reason=reason)
         return DeploymentStatus.ROLLED_BACK.value
-    except (DeploymentFailed, EngineError, HealthCheckFailed, CaddyError, TranslationError, SecretError) as error:
+    except (DeploymentFailed, EngineError, HealthCheckFailed, TranslationError, SecretError) as error:
         reason = redact(str(error), plan.secrets)
         await _end(context, run, DeploymentStatus.FAILED, reason)
+        log.warning("deployment.failed", reason=reason)
+        return DeploymentStatus.FAILED.value
+    except CaddyError as error:
+        # The route row is written before Caddy or the resolver confirms a switch, so it may name
+        # this run's containers already: the last good version gets the route back before they go.
+        from jarvis_deploy.deployments.recovery import (
+            abandon,  # recovery imports this module
+        )
+
+        reason = redact(str(error), plan.secrets)
+        await abandon(context, deployment_id, project.id, project.name, reason)
         log.warning("deployment.failed", reason=reason)
         return DeploymentStatus.FAILED.value
     except TimeoutError as error:

@@ -14,6 +14,7 @@ from pydantic import (
     SecretStr,
     Strict,
     StrictBool,
+    StrictFloat,
     StrictInt,
     StrictStr,
     ValidationInfo,
@@ -73,12 +74,12 @@ class HealthCheck(BaseModel):
     host: str | None = Field(None, description="Host header of the HTTP probe.", max_length=253)
     status_min: StrictInt = Field(200, ge=100, le=599, description="Lowest HTTP status that counts as healthy.")
     status_max: StrictInt = Field(399, ge=100, le=599, description="Highest HTTP status that counts as healthy.")
-    interval: float = Field(1.0, ge=0.05, le=300, description="Seconds between two probes.")
-    timeout: float = Field(2.0, gt=0, le=300, description="Seconds one probe may take.")
+    interval: StrictFloat = Field(1.0, ge=0.05, le=300, description="Seconds between two probes.")
+    timeout: StrictFloat = Field(2.0, gt=0, le=300, description="Seconds one probe may take.")
     retries: StrictInt = Field(
         30, ge=1, le=10000, description="Consecutive failed probes, after the start period, that mark the container unhealthy."
     )
-    start_period: float = Field(
+    start_period: StrictFloat = Field(
         0, ge=0, le=3600, description="Seconds after start during which failed probes do not count."
     )
     successes: StrictInt = Field(1, ge=1, le=100, description="Consecutive passed probes needed to count as healthy.")

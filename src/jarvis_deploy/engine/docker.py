@@ -358,6 +358,23 @@ class DockerEngine:
             )
         return result
 
+    async def addresses_in_use(self, label: str) -> set[str]:
+        """Return the host addresses that containers publish ports on, running or not.
+
+        A running container lists its bindings. A stopped one lists none, so its address comes from `label`.
+        """
+        async with _engine_errors("listing containers"):
+            containers = await self._docker.containers.list(all=True)
+        addresses = set()
+        for container in containers:
+            for port in (container["Ports"] if "Ports" in container else None) or []:
+                if port.get("IP"):
+                    addresses.add(port["IP"])
+            labels = (container["Labels"] if "Labels" in container else None) or {}
+            if labels.get(label):
+                addresses.add(labels[label])
+        return addresses
+
     async def inspect(self, container_id: str) -> dict[str, Any]:
         async with _container_errors(container_id, "inspecting"):
             return await self._docker.containers.container(container_id).show()

@@ -238,7 +238,14 @@ async def start_replica(run: DeploymentRun, replica: int, color: str | None = No
     if run.routed and run.options.defer_proxy_network:
         container_plan, deferred = _defer_network(container_plan, run.options.proxy_network)
     if run.routed and run.options.upstream_mode == "loopback" and run.options.upstream_address_range and run.router:
-        address = await next_upstream_address(run.router.sessionmaker, run.options.upstream_address_range)
+        address_range = run.options.upstream_address_range
+        in_use = await run.engine.addresses_in_use(naming.LABEL_UPSTREAM_ADDRESS)
+        address = await next_upstream_address(run.router.sessionmaker, address_range, in_use)
+        if address is None:
+            raise DeploymentFailed(
+                f"every address of JARVIS_UPSTREAM_ADDRESS_RANGE ({address_range}) is in use on this Docker host."
+                " Set a larger range, such as a /16"
+            )
         _publish_on(container_plan, run.plan.port, address)
 
     container_id = await run.engine.create_container(name, container_plan)
@@ -255,6 +262,7 @@ def _publish_on(container_plan: ContainerPlan, port: int, address: str) -> None:
     bindings = container_plan.body["HostConfig"].setdefault("PortBindings", {})
     bindings[f"{port}/tcp"] = [{"HostIp": address, "HostPort": str(port)}]
     container_plan.body.setdefault("ExposedPorts", {})[f"{port}/tcp"] = {}
+    container_plan.body.setdefault("Labels", {})[naming.LABEL_UPSTREAM_ADDRESS] = address
 
 
 # Docker 20.10 releases a stopped container's published ports shortly after `stop` returns, so a
