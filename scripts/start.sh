@@ -23,15 +23,24 @@ trap 'exit 130' INT TERM
 # when this script ends, so routed projects keep answering while the API and worker are down.
 if [[ -n "${JARVIS_UPSTREAM_RESOLVER:-}" ]]; then
   mkdir -p "$ROOT/.run"
-  pid_file="$ROOT/.run/resolver.pid"
+  # One resolver per address and database: a run with other settings starts its own.
+  config_digest=$(printf '%s %s' "$JARVIS_UPSTREAM_RESOLVER" "${JARVIS_DATABASE_URL:-}" | sha256sum | cut -c1-12)
+  pid_file="$ROOT/.run/resolver-$config_digest.pid"
+  log_file="$ROOT/.run/resolver-$config_digest.log"
   resolver_pid=$(cat "$pid_file" 2>/dev/null || true)
   if [[ -n "$resolver_pid" ]] && tr '\0' ' ' < "/proc/$resolver_pid/cmdline" 2>/dev/null | grep -q "jarvis-deploy resolver"; then
-    echo "upstream resolver already running (pid $resolver_pid)"
+    echo "upstream resolver for these settings already running (pid $resolver_pid)"
   else
-    setsid "$JD" resolver >>"$ROOT/.run/resolver.log" 2>&1 < /dev/null &
+    setsid "$JD" resolver >>"$log_file" 2>&1 < /dev/null &
     resolver_pid=$!
+    sleep 1
+    if ! kill -0 "$resolver_pid" 2>/dev/null; then
+      echo "the upstream resolver exited at once; last lines of $log_file:" >&2
+      tail -n 5 "$log_file" >&2
+      exit 1
+    fi
     echo "$resolver_pid" > "$pid_file"
-    echo "upstream resolver on udp $JARVIS_UPSTREAM_RESOLVER (pid $resolver_pid, log .run/resolver.log);" \
+    echo "upstream resolver on udp $JARVIS_UPSTREAM_RESOLVER (pid $resolver_pid, log ${log_file#"$ROOT"/});" \
       "it keeps running after this script ends. Stop it with: kill $resolver_pid"
   fi
 fi

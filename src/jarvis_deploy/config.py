@@ -74,8 +74,12 @@ class Settings(BaseSettings):
         ),
     )
     upstream_address_range: str = Field(
-        "127.77.0.0/16",
-        description="IPv4 loopback network whose addresses routed containers are published on when `upstream_resolver` is set.",
+        "",
+        description=(
+            "IPv4 loopback network whose addresses routed containers are published on when `upstream_resolver` "
+            "is set. Empty picks a /16 from 127.64.0.0 to 127.191.0.0 by the instance digest, so services on one "
+            "host most likely get different ranges."
+        ),
     )
     caddy_admin_url: str = Field(
         "http://127.0.0.1:2019", description="Caddy admin API; empty leaves routing to caddy-docker-proxy labels."
@@ -214,6 +218,13 @@ class Settings(BaseSettings):
         """Whether switches go through the upstream resolver instead of a Caddy reload."""
         return bool(self.upstream_resolver) and self.upstream_mode == "loopback"
 
+    @property
+    def upstream_network(self) -> str:
+        """The network of `upstream_address_range`, or the one derived from the instance when it is empty."""
+        if self.upstream_address_range:
+            return self.upstream_address_range
+        return f"127.{64 + int(self.instance_id[:4], 16) % 128}.0.0/16"
+
     @field_validator("upstream_resolver")
     @classmethod
     def _check_resolver_address(cls, value: str) -> str:
@@ -224,6 +235,8 @@ class Settings(BaseSettings):
     @field_validator("upstream_address_range")
     @classmethod
     def _check_address_range(cls, value: str) -> str:
+        if not value:
+            return value
         try:
             network = ipaddress.IPv4Network(value)
         except ValueError as error:

@@ -190,7 +190,7 @@ async def test_failed_switch_gives_route_back(client, project, caddy, worker, re
 
 async def test_address_in_use_is_skipped(context, docker) -> None:
     """A stopped container that carries an address keeps it: the next allocation passes over it."""
-    network = context.settings.upstream_address_range
+    network = context.settings.upstream_network
     async with context.sessionmaker() as session:
         row = (await session.execute(text("SELECT last_value, is_called FROM upstream_address_seq"))).one()
     upcoming = address_at(network, row.last_value + 1 if row.is_called else row.last_value)
@@ -215,3 +215,19 @@ async def test_full_range_returns_none(context) -> None:
     in_use = {address_at(network, number) for number in (1, 2)}
 
     assert await next_upstream_address(context.sessionmaker, network, in_use) is None
+
+
+async def test_failed_first_switch_removes_route(client, project, caddy, worker, resolver_process) -> None:
+    """With no earlier version to give the route back to, a failed first switch leaves no route behind."""
+    host = f"{project['name']}.first.test"
+    body = {"project_id": project["id"], "port": 8080, "domain": host, "strategy": "blue-green", "healthcheck": HEALTH}
+
+    os.kill(resolver_process.process.pid, signal.SIGSTOP)
+    try:
+        first = (await client.post("/api/jarvis/deployments/deploy", json={**body, "image_ref": app_image("v1")})).json()
+        done = await wait_for_status(client, first["id"], {"succeeded", "failed", "rolled_back"})
+    finally:
+        os.kill(resolver_process.process.pid, signal.SIGCONT)
+
+    assert done["status"] == "failed", done
+    assert await route_upstreams(caddy.admin_url, route_id(project["name"])) is None

@@ -107,6 +107,18 @@ def test_settings_reject_invalid_resolver_values(field: str, value: str) -> None
         Settings(**{field: value})
 
 
+def test_default_range_follows_instance() -> None:
+    first = Settings(database_url="postgresql+asyncpg://postgres@127.0.0.1:5432/one")
+    second = Settings(database_url="postgresql+asyncpg://postgres@127.0.0.1:5432/two")
+
+    assert first.upstream_network == first.upstream_network
+    assert first.upstream_network.startswith("127.")
+    assert first.upstream_network.endswith(".0.0/16")
+    assert 64 <= int(first.upstream_network.split(".")[1]) <= 191
+    assert first.upstream_network != second.upstream_network
+    assert Settings(upstream_address_range="127.91.0.0/24").upstream_network == "127.91.0.0/24"
+
+
 def test_resolved_upstreams_needs_loopback_mode() -> None:
     assert Settings(upstream_resolver="127.0.0.1:5353", upstream_mode="loopback").resolved_upstreams
     assert not Settings(upstream_resolver="127.0.0.1:5353", upstream_mode="network").resolved_upstreams

@@ -111,8 +111,10 @@ async def _undo(
     route = await context.router.route_of(project_id)
     if route is not None and route.deployment_id == deployment_id:
         # The route points at this deployment's containers: the last good version takes the traffic
-        # back before they go.
-        await restore_last_good(context, project_id, project, record)
+        # back before they go. Without one, the route goes, so that no request waits for containers
+        # that no longer exist.
+        if not await restore_last_good(context, project_id, project, record):
+            await _remove_route(context, project_id, project)
         await _remove(context, containers)
     else:
         # Nothing routes to them, and they may hold host ports that the last good version needs.
@@ -120,13 +122,23 @@ async def _undo(
         await restore_last_good(context, project_id, project, record)
 
 
+async def _remove_route(context: WorkerContext, project_id: uuid.UUID, project: str) -> None:
+    try:
+        await context.router.remove(project_id, project)
+    except CaddyError as error:
+        logger.warning("recovery.route_removal_failed", project=project, error=str(error))
+
+
 async def _remove(context: WorkerContext, containers: list[ContainerInfo]) -> None:
     for container in containers:
         await context.engine.remove(container.id)
 
 
-async def restore_last_good(context: WorkerContext, project_id: uuid.UUID, project: str, record: EventRecorder) -> None:
-    """Start the latest succeeded deployment's containers again and route the project's domains to them."""
+async def restore_last_good(context: WorkerContext, project_id: uuid.UUID, project: str, record: EventRecorder) -> bool:
+    """Start the latest succeeded deployment's containers again and route the project's domains to them.
+
+    Returns whether any of them serves again.
+    """
     async with context.sessionmaker() as session:
         good = await session.scalar(
             select(Deployment)
@@ -136,7 +148,7 @@ async def restore_last_good(context: WorkerContext, project_id: uuid.UUID, proje
         )
         spec = await session.get(ComposeSpec, good.spec_id) if good and good.spec_id else None
     if good is None or spec is None:
-        return
+        return False
 
     plan = DeploymentPlan(
         good.id, project_id, project, good.version, good.checksum, load_spec(spec.yaml), context.settings.instance_id
@@ -161,6 +173,7 @@ async def restore_last_good(context: WorkerContext, project_id: uuid.UUID, proje
             logger.warning("recovery.switch_failed", project=project, error=str(error))
     if serving:
         await record("restored", f"version {good.version} serves again ({len(serving)} container(s))")
+    return bool(serving)
 
 
 async def restart_stopped_live(context: WorkerContext) -> int:

@@ -87,7 +87,7 @@ class WorkerContext:
             watch_seconds=self.settings.watch_seconds,
             admin_api=self.router.caddy is not None,
             upstream_address_range=(
-                self.settings.upstream_address_range if self.router.caddy is not None and self.router.resolver else None
+                self.settings.upstream_network if self.router.caddy is not None and self.router.resolver else None
             ),
         )
 

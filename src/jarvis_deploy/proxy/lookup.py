@@ -120,17 +120,19 @@ async def wait_for_addresses(resolver: str, name: str, addresses: list[str], tim
     """Wait until the resolver returns exactly `addresses` for `name`, raising ResolverUnavailable after `timeout`."""
     expected = sorted(addresses)
     deadline = time.monotonic() + timeout
-    last: object = None
+    last = "no response"
     while True:
         try:
-            last = await query_addresses(resolver, name, timeout=min(1.0, timeout))
-            if last == expected:
+            result = await query_addresses(resolver, name, timeout=min(1.0, timeout))
+            if result == expected:
                 return
-        except ResolverUnavailable as error:
-            last = error
+            last = "NXDOMAIN" if result is None else str(result)
+        except ResolverUnavailable:
+            last = "no response"
         if time.monotonic() > deadline:
             raise ResolverUnavailable(
                 f"upstream resolver at {resolver} did not return {expected} for {name} within {timeout:g}s"
-                f" (last: {last}). Check that `jarvis-deploy resolver` runs with the same database"
+                f" (last result: {last}). Check that `jarvis-deploy resolver` runs on that address with the"
+                " same database"
             )
         await asyncio.sleep(0.005)
