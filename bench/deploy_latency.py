@@ -270,7 +270,11 @@ def start_upstream_resolver(services: ServiceProcesses, environment: dict[str, s
 
     Sets JARVIS_UPSTREAM_RESOLVER in `environment`, so start it before the worker. Returns the address.
     """
-    from jarvis_deploy.proxy.lookup import ResolverUnavailable, lookup_name, query_addresses
+    from jarvis_deploy.proxy.lookup import (
+        ResolverUnavailable,
+        lookup_name,
+        query_addresses,
+    )
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))

@@ -121,7 +121,11 @@ def free_udp_port() -> int:
 
 def wait_for_resolver(address: str, process: subprocess.Popen, log_path: Path, timeout: float = 30) -> None:
     """Return once the resolver answers a lookup, which shows it listens and reads the database."""
-    from jarvis_deploy.proxy.lookup import ResolverUnavailable, lookup_name, query_addresses
+    from jarvis_deploy.proxy.lookup import (
+        ResolverUnavailable,
+        lookup_name,
+        query_addresses,
+    )
 
     deadline = time.monotonic() + timeout
     while True:

@@ -159,6 +159,17 @@ async def wait_for_route(caddy, project: str, expected: list[str], timeout: floa
         await asyncio.sleep(0.2)
 
 
+async def deploy_while_resolver_hangs(client, resolver_process, body: dict) -> dict:
+    """Send a deployment while the resolver is stopped and return it once it has ended."""
+    # A stopped process neither responds nor refuses, as a hung resolver would.
+    os.kill(resolver_process.process.pid, signal.SIGSTOP)
+    try:
+        accepted = (await client.post("/api/jarvis/deployments/deploy", json=body)).json()
+        return await wait_for_status(client, accepted["id"], {"succeeded", "failed", "rolled_back"})
+    finally:
+        os.kill(resolver_process.process.pid, signal.SIGCONT)
+
+
 async def test_failed_switch_gives_route_back(client, project, caddy, worker, resolver_process, docker) -> None:
     """A switch whose resolver does not respond fails, and the stored route names the live version again."""
     host = f"{project['name']}.back.test"
@@ -168,13 +179,7 @@ async def test_failed_switch_gives_route_back(client, project, caddy, worker, re
     live_route = await route_upstreams(caddy.admin_url, route_id(project["name"]))
     assert live_route is not None
 
-    # A stopped process neither responds nor refuses, as a hung resolver would.
-    os.kill(resolver_process.process.pid, signal.SIGSTOP)
-    try:
-        second = (await client.post("/api/jarvis/deployments/deploy", json={**body, "image_ref": app_image("v2")})).json()
-        done = await wait_for_status(client, second["id"], {"succeeded", "failed", "rolled_back"})
-    finally:
-        os.kill(resolver_process.process.pid, signal.SIGCONT)
+    done = await deploy_while_resolver_hangs(client, resolver_process, {**body, "image_ref": app_image("v2")})
 
     assert done["status"] == "failed", done
     assert "resolver" in done["error"]
@@ -222,12 +227,7 @@ async def test_failed_first_switch_removes_route(client, project, caddy, worker,
     host = f"{project['name']}.first.test"
     body = {"project_id": project["id"], "port": 8080, "domain": host, "strategy": "blue-green", "healthcheck": HEALTH}
 
-    os.kill(resolver_process.process.pid, signal.SIGSTOP)
-    try:
-        first = (await client.post("/api/jarvis/deployments/deploy", json={**body, "image_ref": app_image("v1")})).json()
-        done = await wait_for_status(client, first["id"], {"succeeded", "failed", "rolled_back"})
-    finally:
-        os.kill(resolver_process.process.pid, signal.SIGCONT)
+    done = await deploy_while_resolver_hangs(client, resolver_process, {**body, "image_ref": app_image("v1")})
 
     assert done["status"] == "failed", done
     assert await route_upstreams(caddy.admin_url, route_id(project["name"])) is None

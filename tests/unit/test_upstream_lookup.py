@@ -9,7 +9,12 @@ import pytest
 from jarvis_deploy.config import Settings
 from jarvis_deploy.proxy.addresses import address_at
 from jarvis_deploy.proxy.caddy import build_route
-from jarvis_deploy.proxy.lookup import UpstreamLookup, common_port, lookup_name, parse_lookup_name
+from jarvis_deploy.proxy.lookup import (
+    UpstreamLookup,
+    common_port,
+    lookup_name,
+    parse_lookup_name,
+)
 from jarvis_deploy.proxy.resolver import UpstreamTable, answer
 
 
