@@ -266,7 +266,7 @@ def start_service(
 
 
 def start_upstream_resolver(services: ServiceProcesses, environment: dict[str, str], root: Path) -> str:
-    """Start `jarvis-deploy resolver` on a free UDP port of 127.0.0.1 and wait until it answers a lookup.
+    """Start `jarvis-deploy resolver` on a free UDP port of 127.0.0.1 and wait until it responds to a lookup.
 
     Sets JARVIS_UPSTREAM_RESOLVER in `environment`, so start it before the worker. Returns the address.
     """

@@ -20,7 +20,7 @@ trap 'kill "${pids[@]}" 2>/dev/null; wait "${pids[@]}" 2>/dev/null' EXIT
 trap 'exit 130' INT TERM
 
 # The resolver is on the request path, as Caddy is: it runs in a session of its own and stays up
-# when this script ends, so routed projects keep answering while the API and worker are down.
+# when this script ends, so routed projects keep serving requests while the API and worker are down.
 if [[ -n "${JARVIS_UPSTREAM_RESOLVER:-}" ]]; then
   mkdir -p "$ROOT/.run"
   # One resolver per address and database: a run with other settings starts its own.

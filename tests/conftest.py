@@ -120,7 +120,7 @@ def free_udp_port() -> int:
 
 
 def wait_for_resolver(address: str, process: subprocess.Popen, log_path: Path, timeout: float = 30) -> None:
-    """Return once the resolver answers a lookup, which shows it listens and reads the database."""
+    """Return once the resolver responds to a lookup, which shows that it listens."""
     from jarvis_deploy.proxy.lookup import (
         ResolverUnavailable,
         lookup_name,

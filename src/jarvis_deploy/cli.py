@@ -101,7 +101,7 @@ def worker() -> None:
 
 @app.command()
 def resolver() -> None:
-    """Answer Caddy's upstream lookups on JARVIS_UPSTREAM_RESOLVER (UDP) from the database."""
+    """Serve Caddy's upstream lookups on JARVIS_UPSTREAM_RESOLVER (UDP) from the database."""
     from jarvis_deploy.config import parse_host_port
     from jarvis_deploy.logging_config import configure_logging
     from jarvis_deploy.proxy.resolver import serve

@@ -2,8 +2,8 @@
 
 With an upstream resolver, a route's upstreams are not listed in Caddy's configuration. The route
 names an A lookup instead, `<project>.p<port>.<instance>.upstreams.jarvis.internal.`, and Caddy's
-`a` upstream source (Caddy 2.6) sends it to `jarvis-deploy resolver`, which answers with the addresses stored
-for the project's route. A switch then changes only the stored addresses, and Caddy, which caches
+`a` upstream source (Caddy 2.6) sends it to `jarvis-deploy resolver`, which returns the addresses
+stored for the project's route. A switch then changes only the stored addresses, and Caddy, which caches
 the answer for `refresh`, sends new requests to the new containers without reloading.
 """
 
@@ -73,6 +73,11 @@ def common_port(upstreams: list[str]) -> int | None:
     if len(ports) != 1:
         return None
     return ports.pop()
+
+
+def upstream_hosts(upstreams: list[str]) -> list[str]:
+    """Return the hosts of `host:port` upstreams, sorted, as an A lookup returns them."""
+    return sorted(upstream.rpartition(":")[0] for upstream in upstreams)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
-"""DNS server that answers Caddy's upstream lookups with the addresses stored for each project's route.
+"""DNS server that returns the addresses stored for each project's route to Caddy's upstream lookups.
 
-It keeps every route's upstreams in memory and answers from there, because Caddy holds one lock
-over all its A lookups while it waits for an answer. The table is read again from the database
+It keeps every route's upstreams in memory and responds from there, because Caddy holds one lock
+over all its A lookups while it waits for a response. The table is read again from the database
 whenever a switch commits (PostgreSQL NOTIFY on UPSTREAMS_CHANNEL) and every RELOAD_SECONDS in
 case a notification was missed. While the database is down, the last table read stays in use, so
 Caddy keeps routing to the live containers.
@@ -27,6 +27,7 @@ from jarvis_deploy.proxy.lookup import (
     ZONE,
     common_port,
     parse_lookup_name,
+    upstream_hosts,
 )
 
 logger = structlog.get_logger(__name__)
@@ -64,16 +65,12 @@ class UpstreamTable:
         upstreams = self._routes.get(project)
         if not upstreams or common_port(upstreams) != port:
             return None
-        return sorted(upstream.rpartition(":")[0] for upstream in upstreams)
+        return upstream_hosts(upstreams)
 
     async def reload(self, connection: asyncpg.Connection) -> None:
         rows = await connection.fetch(ROUTES_QUERY)
-        self.replace({row["name"]: _json_list(row["upstreams"]) for row in rows})
-
-
-def _json_list(value: object) -> list[str]:
-    # asyncpg returns jsonb as text unless a codec is set.
-    return list(json.loads(value)) if isinstance(value, str) else list(value)  # type: ignore[arg-type]
+        # asyncpg returns jsonb as text, since no codec is set on the connection.
+        self.replace({row["name"]: json.loads(row["upstreams"]) for row in rows})
 
 
 def answer(table: UpstreamTable, instance: str, wire: bytes) -> bytes | None:
@@ -121,7 +118,7 @@ def answer(table: UpstreamTable, instance: str, wire: bytes) -> bytes | None:
         response.set_rcode(dns.rcode.NXDOMAIN)
         return response.to_wire()
 
-    # TTL 0, because Caddy's own refresh interval decides how long the answer is used.
+    # TTL 0, because Caddy's own refresh interval decides how long the addresses are used.
     response.answer.append(dns.rrset.from_text_list(question.name, 0, "IN", "A", addresses))
     return response.to_wire()
 
@@ -174,7 +171,7 @@ async def follow_routes(table: UpstreamTable, database_url: str, reload_seconds:
 
 
 async def serve(database_url: str, instance: str, host: str, port: int) -> None:
-    """Answer the lookups of service `instance` on UDP `host:port` until cancelled."""
+    """Serve the lookups of service `instance` on UDP `host:port` until cancelled."""
     table = UpstreamTable()
     follower = asyncio.create_task(follow_routes(table, database_url))
     loop = asyncio.get_running_loop()

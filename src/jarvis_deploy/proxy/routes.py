@@ -24,6 +24,7 @@ from jarvis_deploy.proxy.lookup import (
     UpstreamLookup,
     common_port,
     lookup_name,
+    upstream_hosts,
     wait_for_addresses,
 )
 
@@ -125,12 +126,11 @@ class TrafficRouter:
         if current is None or current.get("match") != expected["match"] or current.get("handle") != expected["handle"]:
             await self.caddy.apply_route(identifier, hosts, upstreams, lookup)
 
-        addresses = [upstream.rpartition(":")[0] for upstream in upstreams]
         try:
-            await wait_for_addresses(self.resolver, lookup.name, addresses, RESOLVER_WAIT_SECONDS)
+            await wait_for_addresses(self.resolver, lookup.name, upstream_hosts(upstreams), RESOLVER_WAIT_SECONDS)
         except ResolverUnavailable as error:
             raise CaddyError(str(error)) from error
-        # Caddy keeps an earlier answer for up to `refresh`; after that every new request uses this one.
+        # Caddy caches the earlier addresses for up to `refresh`; after that every new request gets these.
         await asyncio.sleep(lookup.refresh)
 
     async def route_of(self, project_id: uuid.UUID) -> ProxyRoute | None:

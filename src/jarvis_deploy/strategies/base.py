@@ -115,8 +115,9 @@ class RunOptions:
     # network, so old containers leave it before they drain.
     admin_api: bool
     # Loopback network that gives each routed container an address of its own, so all upstreams
-    # of a project share the port and Caddy can find them by a lookup. None publishes on
-    # 127.0.0.1 with a port that Docker picks.
+    # of a project share the port and Caddy can find them by a lookup. Set only in loopback mode
+    # with the admin API and the upstream resolver. None publishes on 127.0.0.1 with a port that
+    # Docker picks.
     upstream_address_range: str | None = None
 
     @property
@@ -237,16 +238,8 @@ async def start_replica(run: DeploymentRun, replica: int, color: str | None = No
     deferred: list[NetworkAttachment] = []
     if run.routed and run.options.defer_proxy_network:
         container_plan, deferred = _defer_network(container_plan, run.options.proxy_network)
-    if run.routed and run.options.upstream_mode == "loopback" and run.options.upstream_address_range and run.router:
-        address_range = run.options.upstream_address_range
-        in_use = await run.engine.addresses_in_use(naming.LABEL_UPSTREAM_ADDRESS)
-        address = await next_upstream_address(run.router.sessionmaker, address_range, in_use)
-        if address is None:
-            raise DeploymentFailed(
-                f"every address of JARVIS_UPSTREAM_ADDRESS_RANGE ({address_range}) is in use on this Docker host."
-                " Set a larger range, such as a /16"
-            )
-        _publish_on(container_plan, run.plan.port, address)
+    if run.routed and run.options.upstream_address_range and run.router:
+        await _publish_on_own_address(run, container_plan, run.options.upstream_address_range)
 
     container_id = await run.engine.create_container(name, container_plan)
     run.created.append(container_id)
@@ -257,11 +250,22 @@ async def start_replica(run: DeploymentRun, replica: int, color: str | None = No
     return NewContainer(container_id, name, deferred)
 
 
-def _publish_on(container_plan: ContainerPlan, port: int, address: str) -> None:
-    """Publish the container's `port` on `address` with the same port number, in place of a port Docker picks."""
+async def _publish_on_own_address(run: DeploymentRun, container_plan: ContainerPlan, address_range: str) -> None:
+    """Publish the container's port on a free address of `address_range`, with the same port number, in place of a port Docker picks."""
+    assert run.router is not None
+    in_use = await run.engine.addresses_in_use(naming.LABEL_UPSTREAM_ADDRESS)
+    address = await next_upstream_address(run.router.sessionmaker, address_range, in_use)
+    if address is None:
+        raise DeploymentFailed(
+            f"every address of JARVIS_UPSTREAM_ADDRESS_RANGE ({address_range}) is in use on this Docker host."
+            " Set a larger range, such as a /16"
+        )
+
+    port = run.plan.port
     bindings = container_plan.body["HostConfig"].setdefault("PortBindings", {})
     bindings[f"{port}/tcp"] = [{"HostIp": address, "HostPort": str(port)}]
     container_plan.body.setdefault("ExposedPorts", {})[f"{port}/tcp"] = {}
+    # Docker lists no bindings for a stopped container, so the label keeps its address reserved.
     container_plan.body.setdefault("Labels", {})[naming.LABEL_UPSTREAM_ADDRESS] = address
 
 
